@@ -30,8 +30,8 @@ class Preprocess:
         """Smallest decode size that keeps this transform exact enough (for JPEG draft)."""
         return (self.resize_size, self.resize_size)
 
-    def resize_crop(self, img: Image.Image) -> Image.Image:
-        """Resize shorter side to ``resize_size`` then centre-crop ``image_size`` (RGB in, RGB out)."""
+    def resize(self, img: Image.Image) -> Image.Image:
+        """Resize the shorter side to ``resize_size`` (bilinear, antialiased); RGB in, RGB out."""
         w, h = img.size
         s = self.resize_size
         if w <= h:
@@ -40,10 +40,19 @@ class Preprocess:
             nw, nh = max(s, round(w * s / h)), s
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+        return img
+
+    def center_crop(self, img: Image.Image) -> Image.Image:
+        """Centre-crop ``image_size`` x ``image_size`` from an image at least that large."""
+        nw, nh = img.size
         c = self.image_size
         left = int(round((nw - c) / 2.0))
         top = int(round((nh - c) / 2.0))
         return img.crop((left, top, left + c, top + c))
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        """:meth:`resize` then :meth:`center_crop`."""
+        return self.center_crop(self.resize(img))
 
     def to_array(self, img: Image.Image) -> np.ndarray:
         """Normalise an ``image_size``-square RGB image -> (3, S, S) float32."""

@@ -1,0 +1,106 @@
+"""Resumable training checkpoints without pickle.
+
+A checkpoint is a directory ``<run>/checkpoint/`` with ``state.safetensors`` (model,
+auxiliary head, optimizer tensors, RNG state) and ``state.json`` (epoch, non-tensor optimizer
+and scheduler state, the full resolved config). Both are written atomically; the JSON is
+written last, so a checkpoint without a matching JSON is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.io import refuse_pickle
+
+log = logging.getLogger(__name__)
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"optim.{pid}.{key}"] = val.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, val in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = val
+    for pid, st in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, aux: torch.nn.Module | None,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, config: dict[str, Any],
+                    history: list[dict[str, Any]]) -> Path:
+    """Save everything needed to resume after ``epoch`` (0-based, completed)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if aux is not None:
+        tensors.update({f"aux.{k}": v.detach().cpu().contiguous() for k, v in aux.state_dict().items()})
+    opt_t, opt_meta = _flatten_optimizer(optimizer)
+    tensors.update(opt_t)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = d / (STATE_TENSORS + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, d / STATE_TENSORS)
+    meta = {
+        "epoch": epoch,
+        "optimizer": opt_meta,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "config": config,
+        "history": history,
+    }
+    tmpj = d / (STATE_JSON + ".tmp")
+    with open(tmpj, "w") as fh:
+        json.dump(meta, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmpj, d / STATE_JSON)
+    return d
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (tensors, meta) of a checkpoint directory; pickle files are refused."""
+    d = Path(directory)
+    if d.is_file():
+        refuse_pickle(d)
+        d = d.parent
+    if not (d / STATE_JSON).is_file() or not (d / STATE_TENSORS).is_file():
+        raise FileNotFoundError(f"{d}: no resumable checkpoint ({STATE_TENSORS} + {STATE_JSON})")
+    meta = json.loads((d / STATE_JSON).read_text())
+    return load_file(str(d / STATE_TENSORS)), meta
+
+
+def restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, model: torch.nn.Module,
+            aux: torch.nn.Module | None, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    """Load a checkpoint into live objects; returns the next epoch to run."""
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if aux is not None:
+        aux.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("aux.")})
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["epoch"]) + 1

@@ -1,0 +1,212 @@
+"""Training configuration: YAML validated by pydantic; every field overridable from the CLI.
+
+Unknown keys are rejected with the allowed set; bad values are rejected with a message
+naming the field and the value. The resolved config is written into the run directory
+(``config.yaml``), its digest into the model card and the full config into checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Distance = Literal["cosine", "euclidean"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The embedding network (see models.ModelCard)."""
+
+    backbone: str = Field("resnet18", description="torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0, mobilenet_v3_large, mobilenet_v3_small, convnext_tiny, vit_b_16")
+    weights: str | None = Field(None, description="None (from scratch), a torchvision weights name (DEFAULT, IMAGENET1K_V1; downloaded on first use), or a local .safetensors file")
+    embedding_dim: int = Field(128, ge=2, le=4096, description="output dimension D")
+    image_size: int = Field(112, ge=16, le=1024, description="square crop fed to the network")
+    resize_size: int | None = Field(None, description="shorter side before the centre crop; default image_size * 8/7")
+    head: Literal["linear", "mlp"] = Field("linear", description="projection head")
+    head_hidden: int = Field(512, ge=1, description="hidden width of the mlp head")
+    activation: Literal["relu", "leaky_relu", "prelu", "relu6", "softplus", "gelu"] = Field("relu", description="activation of the mlp head")
+    neck_bn: bool = Field(True, description="BatchNorm on backbone features before the head")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from models.backbones import available_backbones
+
+        if v not in available_backbones():
+            raise ValueError(f"unknown backbone {v!r}; allowed: {available_backbones()}")
+        return v
+
+    @model_validator(mode="after")
+    def _resize(self) -> "ModelConfig":
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ValueError(f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size})")
+        return self
+
+    @property
+    def effective_resize(self) -> int:
+        return self.resize_size or int(round(self.image_size * 8 / 7))
+
+
+class DataConfig(_Section):
+    """ImageFolder data and its class-disjoint split."""
+
+    root: str = Field("../shared/data/cub100", description="dataset root: ImageFolder in <root>/images/ or <root> itself")
+    train_classes: str | None = Field("splits/cub_train_classes.txt", description="file listing training classes (relative to root); None: split by test_fraction")
+    test_classes: str | None = Field("splits/cub_test_classes.txt", description="file listing held-out test classes (relative to root)")
+    test_fraction: float = Field(0.4, gt=0, lt=1, description="fraction of classes held out for test when no class files are given")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of TRAIN classes carved out for validation (hyperparameter choice)")
+    split_seed: int = Field(0, description="seed of the class split")
+    p: int = Field(16, ge=2, description="classes per batch (P of PxK)")
+    k: int = Field(4, ge=2, description="images per class per batch (K of PxK)")
+    batches_per_epoch: int | None = Field(None, ge=1, description="default: training images // (P*K)")
+    cache_images: Literal["auto", "always", "never"] = Field("auto", description="keep decoded, resized images in RAM (auto: if they fit in cache_budget_mb)")
+    cache_budget_mb: int = Field(2048, ge=0)
+    workers: int = Field(2, ge=0, description="DataLoader workers when images are not cached")
+    scale_min: float = Field(0.25, gt=0, le=1, description="RandomResizedCrop minimum area fraction")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength (0: off)")
+
+
+class LossConfig(_Section):
+    """Metric loss, miner and the optional auxiliary classification head."""
+
+    name: Literal["contrastive", "triplet"] = Field("contrastive", description="metric loss")
+    distance: Distance = Field("cosine", description="distance the loss and miner use")
+    margin: float = Field(0.5, ge=0, description="contrastive: negative margin m; triplet: margin g")
+    pos_margin: float = Field(0.0, ge=0, description="contrastive: positive pairs closer than this cost nothing")
+    reduction: Literal["mean", "nonzero_mean", "sum"] = Field("nonzero_mean", description="how tuple losses are averaged")
+    soft: bool = Field(False, description="triplet: soft-margin softplus instead of the hinge")
+    miner: Literal["none", "batch_hard", "semi_hard", "batch_all"] = Field("none", description="hard-negative miner (none: all pairs/triplets in the batch)")
+    miner_margin: float | None = Field(None, ge=0, description="margin of semi_hard/batch_all miners (default: loss margin)")
+    miner_warmup_epochs: int = Field(0, ge=0, description="epochs with no miner (all tuples) before the miner starts")
+    aux: Literal["none", "softmax", "hinge"] = Field("none", description="auxiliary classification head on the embedding")
+    aux_weight: float = Field(1.0, ge=0, description="weight of the auxiliary loss")
+    aux_temperature: float = Field(0.05, gt=0, description="softmax: cosine logits are divided by this (normalised softmax)")
+
+
+class OptimConfig(_Section):
+    """Optimizer (torch.optim, by name) and LR schedule."""
+
+    name: Literal["sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd_momentum / sgd_nesterov / rmsprop")
+    schedule: Literal["none", "cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warmup from lr/100")
+    step_size: int = Field(10, ge=1, description="step schedule: epochs between decays")
+    gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
+    head_lr_mult: float = Field(1.0, gt=0, description="LR multiplier of the head and aux classifier")
+    grad_clip: float | None = Field(10.0, gt=0, description="max global gradient norm (None: off)")
+
+
+class TrainConfig(_Section):
+    """A whole training run."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    epochs: int = Field(30, ge=1)
+    seed: int = 0
+    device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:N")
+    amp: Literal["auto", "bf16", "none"] = Field("auto", description="bf16 autocast: auto = where the hardware supports it")
+    channels_last: bool = True
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+    eval_every: int = Field(5, ge=0, description="evaluate on the held-out classes every N epochs (0: only at the end)")
+    collapse_cosine: float = Field(0.95, gt=0, le=1, description="warn when the mean pairwise cosine of a batch exceeds this")
+    out: str = Field("runs/default", description="run directory")
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of this config."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parent = TrainConfig
+            for part in err["loc"][:-1]:
+                parent = parent.model_fields[str(part)].annotation  # type: ignore[assignment]
+            allowed = sorted(parent.model_fields)  # type: ignore[union-attr]
+            lines.append(f"{loc}: unknown key; allowed: {allowed}")
+        else:
+            value = err.get("input")
+            lines.append(f"{loc}: {err['msg']} (got {value!r})")
+    return f"invalid training config ({source}):\n  " + "\n  ".join(lines)
+
+
+def flat_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> dict[str, Any]:
+    """Dotted names of every leaf field -> its FieldInfo (for CLI overrides and docs)."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(flat_fields(ann, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = info
+    return out
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        d = d.setdefault(part, {})
+        if not isinstance(d, dict):
+            raise ValueError(f"cannot set {dotted}: {part} is not a section")
+    d[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"loss.margin=0.3"`` -> ("loss.margin", 0.3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().removeprefix("--")
+    if key not in flat_fields():
+        raise ValueError(f"unknown config field {key!r}; allowed: {sorted(flat_fields())}")
+    return key, (yaml.safe_load(raw) if raw.strip() != "" else None)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load a YAML config (or the defaults), apply dotted overrides, validate.
+
+    Raises:
+        ValueError: naming every bad or unknown field and the allowed set.
+        FileNotFoundError: if ``path`` does not exist.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{p}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{p}: a training config must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+        source = str(p)
+    for key, value in (overrides or {}).items():
+        if key not in flat_fields():
+            raise ValueError(f"unknown config field {key!r}; allowed: {sorted(flat_fields())}")
+        _set_dotted(data, key, value)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(_format_error(exc, source)) from None
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
