@@ -1,0 +1,30 @@
+"""lookalike.index: image embeddings in a persistent, crash-safe FAISS index.
+
+Cosine similarity by construction (unit vectors + inner product), stable int64 ids, SQLite
+metadata (the source of truth, vectors included), versioned atomic generations, a single
+writer with concurrent searches, and the batch job that indexes folders of images.
+"""
+
+from index.errors import CorruptIndexError, IndexError_, IndexLockedError, IndexStoreError, ModelMismatchError
+from index.records import ImageRecord, SearchHit
+from index.store import IndexStore
+
+_LAZY = {
+    "IngestReport": "index.ingest",
+    "index_folder": "index.ingest",
+    "Embedder": "index.ingest",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'index' has no attribute {name!r}")
+
+
+__all__ = [
+    "SearchHit", "ImageRecord", "IndexStore", "IndexStoreError", "IndexError_", "IndexLockedError",
+    "ModelMismatchError", "CorruptIndexError", *_LAZY,
+]

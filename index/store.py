@@ -1,0 +1,577 @@
+"""IndexStore: a persistent, searchable index of image embeddings.
+
+An index directory::
+
+    store.json          fixed at creation: model fingerprint + card, dim, requested factory,
+                        recall target, images_root
+    meta.sqlite         the source of truth (WAL, synchronous=FULL): records, vectors and the
+                        change log; an add/remove is durable before it returns
+    generations/NNNNNN  published FAISS checkpoints (see :mod:`index.generations`)
+    uploads/            image bytes added through :meth:`IndexStore.add_upload`
+    writer.lock         the single-writer lock
+
+Opening loads the newest generation that verifies (falling back to older ones, then to a
+rebuild from the stored vectors) and replays the change log past it, so the in-memory index
+always equals the committed metadata. Searches run concurrently with writes under a
+readers-writer lock: each search sees the index either before or after a write, never half
+of one, and hits whose metadata was deleted meanwhile are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from index import ann
+from index import generations as gens
+from index.errors import CorruptIndexError, IndexStoreError, ModelMismatchError
+from index.locking import RWLock, WriterLock
+from index.metadata import DB_FILE, MetadataDB, validate_record
+from index.records import ImageRecord, SearchHit
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "store.json"
+UPLOADS_DIR = "uploads"
+STORE_VERSION = 1
+#: Re-tune an ANN index at checkpoint when its size moved by more than this fraction.
+RETUNE_DRIFT = 0.2
+_EXT_RE = re.compile(r"^[a-z0-9]{1,8}$")
+
+
+def _card_fingerprint(card) -> str:
+    fp = getattr(card, "fingerprint", "")
+    if not fp:
+        raise ValueError("the model card has no fingerprint; save the model with models.save_model first")
+    return fp
+
+
+class IndexStore:
+    """Searchable, persistent, crash-safe index of (N, D) float32 unit embeddings.
+
+    Build with :meth:`create` or :meth:`open`; do not call the constructor directly.
+    """
+
+    def __init__(self, directory: Path, config: dict, db: MetadataDB, *, lock: WriterLock | None) -> None:
+        self.directory = directory
+        self._config = config
+        self.db = db
+        self._lock = lock
+        self.fingerprint: str = config["fingerprint"]
+        self.dim: int = int(config["dim"])
+        self.images_root: Path | None = Path(config["images_root"]) if config.get("images_root") else None
+        self.factory_requested: str = config["factory"]
+        self.recall_target: float = float(config["recall_target"])
+        #: FAISS OpenMP threads per search call (1: parallelism comes from concurrent requests,
+        #: and it avoids the torch/faiss OpenMP contention measured on this machine).
+        self.search_threads: int = 1
+        self.generation: int = 0
+        self.refused: list[str] = []
+        self._index: faiss.Index = ann.empty_index("Flat", self.dim)
+        self._factory = "Flat"
+        self._tuning = ann.Tuning()
+        self._seq = 0
+        self._rw = RWLock()
+        self._wmutex = threading.RLock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, directory: str | Path, *, card, images_root: str | Path | None, factory: str = "auto",
+               recall_target: float = 0.95, model_dir: str | Path | None = None) -> "IndexStore":
+        """Create a new, empty index for ``card``'s model and take the writer lock.
+
+        ``images_root``: folder that ``source="folder"`` record paths are relative to.
+        ``factory``: ``auto``, ``Flat`` or an IVF factory (see :mod:`index.ann`).
+        ``model_dir``: remembered so the CLI can embed queries without ``--model``.
+
+        Raises:
+            FileExistsError: an index already exists there.
+            ValueError: bad factory / recall target / card.
+        """
+        d = Path(directory)
+        if (d / STORE_FILE).exists():
+            raise FileExistsError(f"{d}: an index already exists here; add to it with `lookalike index add` "
+                                  "(or choose another --out)")
+        fac = ann.normalize_factory(factory)
+        if not 0.0 < recall_target <= 1.0:
+            raise ValueError(f"recall_target must be in (0, 1], got {recall_target}")
+        fp = _card_fingerprint(card)
+        d.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock(d)
+        lock.acquire()
+        try:
+            for leftover in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"):  # from a crash mid-create
+                (d / leftover).unlink(missing_ok=True)
+            shutil.rmtree(d / gens.GEN_DIR, ignore_errors=True)
+            config = {
+                "format": "lookalike-index", "version": STORE_VERSION, "created_at": time.time(),
+                "fingerprint": fp, "dim": int(card.embedding_dim), "card": card.to_dict(),
+                "factory": fac, "recall_target": float(recall_target), "metric": ann.METRIC_NAME,
+                "images_root": str(Path(images_root).resolve()) if images_root is not None else None,
+                "model_dir": str(Path(model_dir).resolve()) if model_dir is not None else None,
+            }
+            db = MetadataDB(d / DB_FILE, create=True)
+            store = cls(d, config, db, lock=lock)
+            store.checkpoint()  # generation 1: empty, so a reader can open at once
+            # store.json last: its presence marks a completely created index
+            gens.atomic_write_bytes(d / STORE_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        except BaseException:
+            lock.release()
+            raise
+        log.info("created index %s (model %s, factory %s)", d, fp[:12], fac)
+        return store
+
+    @classmethod
+    def open(cls, directory: str | Path, *, card=None, writable: bool = False) -> "IndexStore":
+        """Open an index; with ``card`` its fingerprint must match; ``writable`` takes the lock.
+
+        Raises:
+            FileNotFoundError: not an index.
+            ModelMismatchError: the card's fingerprint differs (both named).
+            IndexLockedError: ``writable`` and another writer holds the lock.
+        """
+        d = Path(directory)
+        cfg_path = d / STORE_FILE
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{d}: not a lookalike index (no {STORE_FILE}); create one with "
+                                    "`lookalike index build`")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CorruptIndexError(f"{cfg_path}: unreadable ({exc})") from None
+        if config.get("format") != "lookalike-index" or config.get("version") != STORE_VERSION:
+            raise CorruptIndexError(f"{cfg_path}: not a version-{STORE_VERSION} lookalike index")
+        if card is not None and _card_fingerprint(card) != config["fingerprint"]:
+            raise ModelMismatchError(
+                f"{d}: the index was built with model fingerprint {config['fingerprint']}, but the model given "
+                f"has fingerprint {card.fingerprint}; use the same model or build a new index"
+            )
+        lock = None
+        if writable:
+            lock = WriterLock(d)
+            lock.acquire()
+        try:
+            store = cls(d, config, MetadataDB(d / DB_FILE), lock=lock)
+            store._load()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return store
+
+    def close(self, *, checkpoint: bool = False) -> None:
+        """Release the writer lock (after publishing a generation if ``checkpoint``)."""
+        if self._closed:
+            return
+        try:
+            if checkpoint and self.writable and self._seq != self._published_seq():
+                self.checkpoint()
+        finally:
+            self._closed = True
+            self.db.close()
+            if self._lock is not None:
+                self._lock.release()
+
+    def __enter__(self) -> "IndexStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def writable(self) -> bool:
+        return self._lock is not None and self._lock.held
+
+    def _require_writable(self) -> None:
+        if self._closed:
+            raise IndexStoreError(f"{self.directory}: the index is closed")
+        if not self.writable:
+            raise IndexStoreError(f"{self.directory}: opened read-only; open with writable=True to change it")
+
+    @property
+    def model_dir(self) -> Path | None:
+        m = self._config.get("model_dir")
+        return Path(m) if m else None
+
+    @property
+    def card_dict(self) -> dict:
+        return dict(self._config["card"])
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> None:
+        """Newest verified generation + replay of the change log; rebuild when none is usable."""
+        self.refused = []
+        index = None
+        gen = None
+        pruned = self.db.pruned_through()
+        for number in gens.list_generations(self.directory):
+            try:
+                g = gens.verify(self.directory, number, dim=self.dim, fingerprint=self.fingerprint)
+                if int(g.manifest.get("last_seq", -1)) < pruned:
+                    raise CorruptIndexError(f"{g.path}: older than the change log kept (seq {pruned}); cannot replay")
+                index = gens.read_index(g)
+                gen = g
+                break
+            except CorruptIndexError as exc:
+                log.error("refusing index generation %d: %s", number, exc)
+                self.refused.append(str(exc))
+        if gen is None:
+            if self.refused or self.db.count():
+                log.warning("%s: no usable generation; rebuilding the FAISS index from the stored vectors",
+                            self.directory)
+            self._rebuild_from_db()
+            return
+        if self.refused:
+            log.warning("%s: using previous generation %d", self.directory, gen.number)
+        m = gen.manifest
+        tuning = m.get("tuning") or {}
+        self._tuning = ann.Tuning(params=tuning.get("params") or {}, recall_at_10=float(m.get("recall_at_10", 1.0)),
+                                  n_queries=int(tuning.get("n_queries", 0)),
+                                  n_at_tuning=int(tuning.get("n_at_tuning", m["ntotal"])),
+                                  curve=[tuple(x) for x in tuning.get("curve", [])])
+        ann.set_params(index, self._tuning.params)
+        self._index = index
+        self._factory = m["factory"]
+        self.generation = gen.number
+        self._seq = int(m["last_seq"])
+        self._replay()
+
+    def _replay(self) -> int:
+        """Apply the committed changes after ``self._seq``; returns how many ids changed."""
+        with self.db.snapshot() as con:
+            deleted, ids, vecs, last = MetadataDB.changes_since(con, self._seq, self.dim)
+            count = self.db.count(con)
+        with self._rw.write():
+            if deleted:
+                self._index.remove_ids(np.asarray(deleted, dtype=np.int64))
+            if len(ids):
+                self._index.add_with_ids(vecs, ids)
+            self._seq = last
+            ntotal = self._index.ntotal
+        if deleted or len(ids):
+            log.info("replayed %d adds and %d deletes from the change log", len(ids), len(deleted))
+        if ntotal != count:
+            log.warning("%s: FAISS holds %d vectors but the metadata %d; rebuilding from the stored vectors",
+                        self.directory, ntotal, count)
+            self._rebuild_from_db()
+        return len(deleted) + len(ids)
+
+    def _rebuild_from_db(self, factory: str | None = None) -> None:
+        with self.db.snapshot() as con:
+            ids, vecs = MetadataDB.all_vectors(con, self.dim)
+            seq = self.db.last_seq(con)
+        factory = factory or self._desired_factory(len(ids))
+        index, tuning = ann.build(factory, vecs, ids, recall_target=self.recall_target)
+        with self._rw.write():
+            self._index, self._tuning, self._factory, self._seq = index, tuning, factory, seq
+
+    def refresh(self) -> int:
+        """Catch up with changes committed by another process (for read-only opens).
+
+        Returns the number of ids added or removed. Reloads fully if the writer published
+        generations and pruned the log past what this store holds.
+        """
+        with self._wmutex:
+            if self.db.pruned_through() > self._seq:
+                self._load()
+                return -1
+            return self._replay()
+
+    # ------------------------------------------------------------------ reads
+    def __len__(self) -> int:
+        with self._rw.read():
+            return int(self._index.ntotal)
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}) float32, got shape {np.shape(queries)}")
+        if not np.isfinite(q).all():
+            raise ValueError("queries contain NaN or infinity")
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        if (norms < 1e-6).any():
+            raise ValueError("a query vector is zero; it has no direction to compare")
+        return np.ascontiguousarray(q / norms, dtype=np.float32)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[SearchHit]]:
+        """Top-``k`` neighbours of each query by cosine similarity.
+
+        Args:
+            queries: (Q, D) float32 (normalised here again, so any non-zero vector is fine).
+            k: hits wanted per query (>= 1).
+
+        Returns:
+            Q lists of at most ``k`` :class:`SearchHit`, score descending, no -1 ids.
+            Thread-safe; each call sees one consistent snapshot of the index.
+        """
+        q = self._check_queries(queries)
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        with self._rw.read():
+            n = self._index.ntotal
+            if n == 0 or len(q) == 0:
+                return [[] for _ in range(len(q))]
+            ann.set_search_threads(self.search_threads)
+            scores, ids = self._index.search(q, min(k, n))
+        return self._hits(scores, ids)
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray, exclude: int | None = None) -> list[list[SearchHit]]:
+        recs = self.db.get_many(ids[ids >= 0].tolist())
+        out = []
+        for srow, irow in zip(scores, ids):
+            hits = []
+            for s, i in zip(srow.tolist(), irow.tolist()):
+                if i < 0 or i == exclude:
+                    continue
+                r = recs.get(i)
+                if r is None:  # deleted after the snapshot this search saw
+                    continue
+                hits.append(SearchHit(id=i, score=min(1.0, max(-1.0, s)), path=r.path, label=r.label))
+            out.append(hits)
+        return out
+
+    def search_by_id(self, id: int, k: int) -> list[SearchHit]:
+        """Top-``k`` neighbours of the stored image ``id`` (itself excluded). KeyError if unknown."""
+        v = self.db.vector(int(id))
+        if v is None:
+            raise KeyError(id)
+        q = self._check_queries(v[None, :])
+        with self._rw.read():
+            n = self._index.ntotal
+            if n == 0:
+                return []
+            ann.set_search_threads(self.search_threads)
+            scores, ids = self._index.search(q, min(int(k) + 1, n))
+        return self._hits(scores, ids, exclude=int(id))[0][: int(k)]
+
+    def get(self, id: int) -> ImageRecord | None:
+        return self.db.get(id)
+
+    def get_by_path(self, path: str, source: str = "folder") -> ImageRecord | None:
+        return self.db.by_path(source, Path(path).as_posix())
+
+    def get_by_sha256(self, sha256: str) -> ImageRecord | None:
+        return self.db.by_sha(sha256.lower())
+
+    def vector(self, id: int) -> np.ndarray | None:
+        """The stored (D,) float32 unit vector of ``id``, or None."""
+        return self.db.vector(id)
+
+    def image_path(self, id: int) -> Path | None:
+        """Absolute path of the image of ``id``, only if it resolves inside its root."""
+        rec = self.db.get(id)
+        if rec is None:
+            return None
+        root = self.images_root if rec.source == "folder" else self.directory / UPLOADS_DIR
+        if root is None:
+            return None
+        root = root.resolve()
+        p = (root / rec.path).resolve()
+        if not p.is_relative_to(root) or p == root:
+            return None
+        return p
+
+    def info(self) -> dict:
+        """Summary for ``lookalike index info`` and the service."""
+        with self._rw.read():
+            ntotal = int(self._index.ntotal)
+            factory = self._factory
+            tuning = self._tuning
+        return {
+            "directory": str(self.directory),
+            "ntotal": ntotal,
+            "dim": self.dim,
+            "factory": factory,
+            "factory_requested": self.factory_requested,
+            "metric": ann.METRIC_NAME,
+            "fingerprint": self.fingerprint,
+            "generation": self.generation,
+            "recall_at_10": float(tuning.recall_at_10),
+            "recall_target": self.recall_target,
+            "search_params": dict(tuning.params),
+            "recall_measured_on": {"queries": tuning.n_queries, "ntotal": tuning.n_at_tuning},
+            "faiss_version": ann.faiss_version(),
+            "images_root": str(self.images_root) if self.images_root else None,
+            "model_dir": str(self.model_dir) if self.model_dir else None,
+            "pending_changes": self.db.last_seq() - self._published_seq(),
+            "refused_generations": list(self.refused),
+            "writable": self.writable,
+        }
+
+    # ------------------------------------------------------------------ writes
+    def _check_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        v = np.asarray(vectors, dtype=np.float32)
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise ValueError(f"vectors must be (N, {self.dim}) float32, got shape {np.shape(vectors)}")
+        if not np.isfinite(v).all():
+            raise ValueError("vectors contain NaN or infinity")
+        norms = np.linalg.norm(v, axis=1)
+        if len(v) and np.abs(norms - 1.0).max() > 1e-3:
+            raise ValueError(f"vectors must be unit norm (cosine by construction); norms range "
+                             f"{norms.min():.4f}..{norms.max():.4f}")
+        return np.ascontiguousarray(v / norms[:, None], dtype=np.float32) if len(v) else v
+
+    def add(self, vectors: np.ndarray, records: list[dict]) -> list[int]:
+        """Add (N, D) float32 unit ``vectors`` with their record dicts; durable before return.
+
+        Records need ``path``, ``sha256``, ``size``, ``mtime``, ``source`` (``folder``|``upload``)
+        and optionally ``label``. A record whose sha256 is already indexed (or repeated in this
+        call) is not added twice: its existing id is returned. Returns one id per record.
+        """
+        self._require_writable()
+        v = self._check_vectors(vectors)
+        recs = [validate_record(r) for r in records]
+        if len(v) != len(recs):
+            raise ValueError(f"{len(v)} vectors but {len(recs)} records")
+        if not recs:
+            return []
+        with self._wmutex:
+            ids, new, seq = self.db.add(v, recs)
+            if new:
+                pos = np.asarray([p for p, _ in new])
+                with self._rw.write():
+                    self._index.add_with_ids(v[pos], np.asarray([i for _, i in new], dtype=np.int64))
+            self._seq = seq
+        return ids
+
+    def add_upload(self, data: bytes, vector: np.ndarray, *, label: str | None, ext: str) -> ImageRecord:
+        """Store uploaded image bytes in ``uploads/<sha256>.<ext>`` and index ``vector`` (D,) float32.
+
+        Returns the existing record if these bytes are already indexed. Durable before return.
+        """
+        self._require_writable()
+        ext = ext.lower().lstrip(".")
+        if not _EXT_RE.match(ext):
+            raise ValueError(f"file extension {ext!r} is not allowed (letters/digits, at most 8)")
+        sha = hashlib.sha256(data).hexdigest()
+        existing = self.db.by_sha(sha)
+        if existing is not None:
+            return existing
+        up = self.directory / UPLOADS_DIR
+        up.mkdir(exist_ok=True)
+        name = f"{sha}.{ext}"
+        gens.atomic_write_bytes(up / name, bytes(data))
+        (i,) = self.add(np.asarray(vector, dtype=np.float32).reshape(1, -1),
+                        [{"path": name, "label": label, "sha256": sha, "size": len(data), "mtime": time.time(),
+                          "source": "upload"}])
+        rec = self.db.get(i)
+        assert rec is not None
+        return rec
+
+    def remove(self, ids: list[int]) -> int:
+        """Delete ids (unknown ones ignored); durable before return. Returns how many were removed."""
+        self._require_writable()
+        ids = [int(i) for i in ids]
+        uploads = [r for r in self.db.get_many(ids).values() if r.source == "upload"]
+        with self._wmutex:
+            removed, seq = self.db.remove(ids)
+            if removed:
+                with self._rw.write():
+                    self._index.remove_ids(np.asarray(removed, dtype=np.int64))
+            self._seq = seq
+        for r in uploads:
+            if r.id in removed:
+                (self.directory / UPLOADS_DIR / r.path).unlink(missing_ok=True)
+        return len(removed)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _desired_factory(self, n: int) -> str:
+        if self.factory_requested == "auto":
+            return ann.choose_factory("auto", n, self.dim)
+        if self.factory_requested == "Flat":
+            return "Flat"
+        nlist = ann.nlist_of(ann.empty_index(self.factory_requested, self.dim)) or 1
+        # too few vectors to train this IVF well (faiss asks for ~39 per centroid): stay exact
+        return self.factory_requested if n >= 39 * nlist else "Flat"
+
+    def _needs_rebuild(self, desired: str) -> bool:
+        if desired == self._factory:
+            return False
+        if self.factory_requested == "auto" and desired != "Flat" and self._factory != "Flat":
+            cur = ann.nlist_of(self._index) or 1
+            want = ann.nlist_of(ann.empty_index(desired, self.dim)) or 1
+            return not (0.5 <= cur / want <= 2.0)  # hysteresis: retrain only when 4x off
+        return True
+
+    def _published_seq(self) -> int:
+        for number in gens.list_generations(self.directory):
+            if number == self.generation:
+                try:
+                    return int(json.loads((gens.gen_path(self.directory, number) / gens.MANIFEST_FILE)
+                                          .read_text())["last_seq"])
+                except (OSError, ValueError, KeyError):
+                    return -1
+        return -1
+
+    def checkpoint(self) -> int:
+        """Publish the current state as a new generation (atomically); returns its number.
+
+        With ``auto`` this is where the structure follows the collection: Flat while small,
+        IVF (trained on the stored vectors and tuned to the recall target) above the bound.
+        Writers wait meanwhile; searches continue.
+        """
+        self._require_writable()
+        with self._wmutex:
+            n = len(self)
+            desired = self._desired_factory(n)
+            if self._needs_rebuild(desired):
+                log.info("restructuring index: %s -> %s at %d vectors", self._factory, desired, n)
+                self._rebuild_from_db(desired)
+            elif self._factory != "Flat" and abs(n - self._tuning.n_at_tuning) > RETUNE_DRIFT * max(1, self._tuning.n_at_tuning):
+                self._retune()
+            with self.db.snapshot() as con:
+                seq = self.db.last_seq(con)
+                count = self.db.count(con)
+                if seq != self._seq or count != self._index.ntotal:
+                    raise IndexStoreError(f"{self.directory}: in-memory index (seq {self._seq}, "
+                                          f"{self._index.ntotal} vectors) differs from the metadata (seq {seq}, "
+                                          f"{count} rows); another writer changed it?")
+                t = self._tuning
+                manifest = {
+                    "factory": self._factory, "factory_requested": self.factory_requested,
+                    "fingerprint": self.fingerprint, "last_seq": seq,
+                    "recall_at_10": float(t.recall_at_10), "recall_target": self.recall_target,
+                    "tuning": {"params": t.params, "n_queries": t.n_queries, "n_at_tuning": t.n_at_tuning,
+                               "curve": t.curve,
+                               "method": "held-out sample of the collection: k-means trained without it, "
+                                         "each query's own id dropped; recall@10 vs exact search"},
+                }
+                gen = gens.publish(self.directory, self._index, manifest,
+                                   lambda p: self.db.write_snapshot(con, p))
+            self.generation = gen.number
+            self.refused = []
+            kept = []
+            for number in gens.list_generations(self.directory):
+                try:
+                    kept.append(int(json.loads((gens.gen_path(self.directory, number) / gens.MANIFEST_FILE)
+                                               .read_text())["last_seq"]))
+                except (OSError, ValueError, KeyError):
+                    continue
+            if kept:
+                self.db.prune_changes(min(kept))
+            return gen.number
+
+    def _retune(self) -> None:
+        with self.db.snapshot() as con:
+            ids, vecs = MetadataDB.all_vectors(con, self.dim)
+        rng = np.random.default_rng(len(ids))
+        q_rows = rng.permutation(len(ids))[: min(ann.TUNING_QUERIES, len(ids) // 10)]
+        with self._rw.write():
+            ann.set_search_threads(2)
+            try:
+                self._tuning = ann.tune(self._index, vecs, ids, q_rows, recall_target=self.recall_target)
+            finally:
+                ann.set_search_threads(1)
