@@ -18,35 +18,55 @@ from index.errors import IndexLockedError
 LOCK_FILE = "writer.lock"
 
 
+_HELD: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of lock files this process holds
+_HELD_GUARD = threading.Lock()
+
+
 class WriterLock:
-    """An exclusive, non-blocking ``fcntl.flock`` on ``<directory>/writer.lock``.
+    """An exclusive, non-blocking POSIX record lock (``fcntl.lockf``) on ``<directory>/writer.lock``.
 
     The kernel drops the lock when the holder dies (even by SIGKILL), so a crashed job never
-    leaves a stale lock. The holder's pid, host, command and start time are written into the
-    file so the refusal can say who holds it.
+    leaves a stale lock. POSIX locks belong to the process and are not inherited by forked
+    children (unlike ``flock``), so DataLoader workers outliving a killed job cannot keep the
+    index locked; a registry refuses a second writer inside the same process. The holder's pid,
+    host, command and start time are written into the file so the refusal can say who holds it.
     """
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / LOCK_FILE
         self._fd: int | None = None
+        self._key: tuple[int, int] | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with _HELD_GUARD:
+            if key in _HELD:
+                os.close(fd)  # same process: must not touch the lock through another descriptor
                 raise IndexLockedError(
-                    f"{self.path.parent}: another writer holds the index lock ({self._describe_holder()}); "
-                    "wait for it to finish (only one writer at a time; searches need no lock)"
-                ) from None
-            raise
+                    f"{self.path.parent}: another writer in this process holds the index lock ({_HELD[key]})"
+                )
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                self._raise_locked(exc)
+            _HELD[key] = f"pid {os.getpid()}: {' '.join(sys.argv)[:200]!r}"
+        self._key = key
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                 "command": " ".join(sys.argv)[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
+
+    def _raise_locked(self, exc: OSError) -> None:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise IndexLockedError(
+                f"{self.path.parent}: another writer holds the index lock ({self._describe_holder()}); "
+                "wait for it to finish (only one writer at a time; searches need no lock)"
+            ) from None
+        raise exc
 
     def _describe_holder(self) -> str:
         try:
@@ -58,11 +78,13 @@ class WriterLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._fd)
-                self._fd = None
+            with _HELD_GUARD:
+                try:
+                    fcntl.lockf(self._fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(self._fd)
+                    self._fd = None
+                    _HELD.pop(self._key, None)
 
     @property
     def held(self) -> bool:

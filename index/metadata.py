@@ -187,6 +187,11 @@ class MetadataDB:
                 raise
         return removed, seq
 
+    def touch(self, id: int, size: int, mtime: float) -> None:
+        """Record a new size/mtime for unchanged content (no vector change, so no log entry)."""
+        with self._wlock:
+            self._wcon.execute("UPDATE images SET size = ?, mtime = ? WHERE id = ?", (int(size), float(mtime), int(id)))
+
     def prune_changes(self, through_seq: int) -> None:
         """Forget log entries every kept generation already contains."""
         with self._wlock:

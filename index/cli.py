@@ -1,0 +1,244 @@
+"""``lookalike index {build,add,remove,info,search,checkpoint}``. Import-light: heavy imports
+happen inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _float01(s: str) -> float:
+    v = float(s)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def _add_ingest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels-from-folders", action="store_true",
+                   help="ImageFolder layout: an image's label is its parent folder name")
+    p.add_argument("--classes", metavar="FILE",
+                   help="index only the first-level subfolders named in FILE (one per line)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch / commit (default 64)")
+    p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: CPUs, max 4)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="inference backend")
+    bf = p.add_mutually_exclusive_group()
+    bf.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="force bf16 autocast")
+    bf.add_argument("--no-bf16", dest="bf16", action="store_false", help="force fp32")
+    p.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log", metavar="FILE", help="failure log (default INDEX/logs/ingest-*.log)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("index", help="build, grow and query a FAISS index of image embeddings",
+                              description="Persistent FAISS index of image embeddings (cosine similarity).")
+    sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+
+    b = sub.add_parser("build", help="create an index from a folder of images (re-run resumes it)")
+    b.add_argument("--model", required=True, help="model or training run directory")
+    b.add_argument("--images", required=True, help="folder of images (recursive); becomes the images root")
+    b.add_argument("--out", required=True, help="index directory to create")
+    b.add_argument("--factory", default="auto", help="'auto' (default), 'Flat', or an IVF factory e.g. IVF1024,Flat")
+    b.add_argument("--recall-target", type=_float01, default=0.95, help="recall@10 target for ANN tuning")
+    _add_ingest_args(b)
+    b.set_defaults(func=cmd_build)
+
+    a = sub.add_parser("add", help="index the new or changed images under a folder of the images root")
+    a.add_argument("index", help="index directory")
+    a.add_argument("--images", help="folder under the images root (default: the images root)")
+    a.add_argument("--model", help="model directory (default: the one the index was built with)")
+    _add_ingest_args(a)
+    a.set_defaults(func=cmd_add)
+
+    r = sub.add_parser("remove", help="remove images by id or by path")
+    r.add_argument("index", help="index directory")
+    r.add_argument("ids", nargs="*", type=int, help="ids to remove")
+    r.add_argument("--path", action="append", default=[], help="relative path (folder images) to remove")
+    r.set_defaults(func=cmd_remove)
+
+    i = sub.add_parser("info", help="describe an index (size, factory, measured recall, model)")
+    i.add_argument("index", help="index directory")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("search", help="rank indexed images by similarity to an image")
+    s.add_argument("index", help="index directory")
+    s.add_argument("image", help="query image file")
+    s.add_argument("-k", type=int, default=10, help="results (default 10)")
+    s.add_argument("--model", help="model directory (default: the one the index was built with)")
+    s.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_search)
+
+    c = sub.add_parser("checkpoint", help="publish the current state as a new generation")
+    c.add_argument("index", help="index directory")
+    c.set_defaults(func=cmd_checkpoint)
+
+
+def _read_classes(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such classes file")
+    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def _ingest(store, model: str, images: str, args) -> int:
+    from index.ingest import Embedder, index_folder
+
+    embedder = Embedder.load(model, backend=args.backend, bf16=args.bf16)
+    report = index_folder(store, embedder, images, labels_from_folders=args.labels_from_folders,
+                          include=_read_classes(args.classes), batch_size=args.batch_size, workers=args.workers,
+                          draft=not args.no_draft, progress=not args.no_progress, log_path=args.log)
+    print(report.summary())
+    for rel, code, reason in report.failures[:20]:
+        print(f"  failed: {rel}: {reason} ({code})")
+    if len(report.failures) > 20:
+        print(f"  ... {len(report.failures) - 20} more in {report.log_path}")
+    info = store.info()
+    print(f"index {store.directory}: {info['ntotal']} images, {info['factory']}, generation {info['generation']}, "
+          f"recall@10 {info['recall_at_10']:.3f}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from pathlib import Path
+
+    from models import load_card
+
+    from index.store import STORE_FILE, IndexStore
+
+    card = load_card(args.model)
+    images = Path(args.images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: no such image folder")
+    out = Path(args.out)
+    if (out / STORE_FILE).is_file():
+        store = IndexStore.open(out, card=card, writable=True)
+        if store.images_root is None or store.images_root != images.resolve():
+            store.close()
+            raise ValueError(f"{out}: an index over {store.images_root} already exists here; "
+                             f"use `lookalike index add {out} --images DIR` or another --out")
+        print(f"{out}: index exists; resuming / adding new images")
+    else:
+        store = IndexStore.create(out, card=card, images_root=images, factory=args.factory,
+                                  recall_target=args.recall_target, model_dir=args.model)
+    try:
+        return _ingest(store, args.model, str(images), args)
+    finally:
+        store.close()
+
+
+def _model_for(store, model: str | None) -> str:
+    if model:
+        return model
+    if store.model_dir is None:
+        raise ValueError(f"{store.directory}: the index does not record its model; pass --model")
+    return str(store.model_dir)
+
+
+def cmd_add(args) -> int:
+    from models import load_card
+
+    from index.store import IndexStore
+
+    store = IndexStore.open(args.index, writable=True)
+    try:
+        model = _model_for(store, args.model)
+        card = load_card(model)
+        if card.fingerprint != store.fingerprint:
+            from index.errors import ModelMismatchError
+
+            raise ModelMismatchError(f"{args.index}: the index was built with model fingerprint {store.fingerprint}, "
+                                     f"but {model} has fingerprint {card.fingerprint}")
+        return _ingest(store, model, args.images or str(store.images_root), args)
+    finally:
+        store.close()
+
+
+def cmd_remove(args) -> int:
+    from index.store import IndexStore
+
+    if not args.ids and not args.path:
+        raise ValueError("give ids and/or --path to remove")
+    with IndexStore.open(args.index, writable=True) as store:
+        ids = list(args.ids)
+        for p in args.path:
+            rec = store.get_by_path(p)
+            if rec is None:
+                print(f"  not indexed: {p}", file=sys.stderr)
+            else:
+                ids.append(rec.id)
+        n = store.remove(ids)
+        gen = store.checkpoint()
+        print(f"removed {n} of {len(ids)} requested; {len(store)} images remain (generation {gen})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from index.store import IndexStore
+
+    with IndexStore.open(args.index) as store:
+        info = store.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if k == "refused_generations":
+            v = "none" if not v else "\n" + "\n".join(f"{'':{width + 2}}{x}" for x in v)
+        elif k == "recall_at_10":
+            v = f"{v:.4f}" + (" (exact search)" if info["factory"] == "Flat" else
+                              f" measured on {info['recall_measured_on']['queries']} held-out queries")
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from pathlib import Path
+
+    from models import decode_image
+    from models.backends import load_backend
+
+    from index.store import IndexStore
+
+    if args.k < 1:
+        raise ValueError(f"-k must be >= 1, got {args.k}")
+    with IndexStore.open(args.index) as store:
+        model = _model_for(store, args.model)
+        backend = load_backend(model, args.backend)
+        if backend.card.fingerprint != store.fingerprint:
+            from index.errors import ModelMismatchError
+
+            raise ModelMismatchError(f"{args.index}: the index was built with model fingerprint {store.fingerprint}, "
+                                     f"but {model} has fingerprint {backend.card.fingerprint}")
+        img = decode_image(Path(args.image))
+        q = backend.embed_images([img])
+        hits = store.search(q, args.k)[0]
+        root = store.images_root
+    if args.json:
+        print(json.dumps([{"rank": r + 1, "id": h.id, "score": h.score, "path": h.path, "label": h.label}
+                          for r, h in enumerate(hits)], indent=2))
+        return 0
+    print(f"{'rank':>4}  {'score':>7}  {'id':>8}  path")
+    for r, h in enumerate(hits, 1):
+        label = f"  [{h.label}]" if h.label else ""
+        print(f"{r:>4}  {h.score:7.4f}  {h.id:>8}  {h.path}{label}")
+    if root:
+        print(f"(folder paths are relative to {root})")
+    return 0
+
+
+def cmd_checkpoint(args) -> int:
+    from index.store import IndexStore
+
+    with IndexStore.open(args.index, writable=True) as store:
+        gen = store.checkpoint()
+        info = store.info()
+    print(f"published generation {gen}: {info['ntotal']} images, {info['factory']}, recall@10 {info['recall_at_10']:.3f}")
+    return 0

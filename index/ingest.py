@@ -1,0 +1,296 @@
+"""The batch indexing job: a folder of images -> embeddings -> the index.
+
+Walks a folder recursively; files whose (path, size, mtime) match their stored record are
+``unchanged`` without being read. The rest are read, hashed (sha256) and decoded by
+:func:`models.decode_image` (JPEG draft decoding at the model's resize size) and preprocessed
+in DataLoader worker processes; the main process drops ``duplicates`` (content already indexed,
+or seen earlier in this run), embeds the rest in batches and adds each batch in one durable
+transaction. Files that cannot be read or decoded are ``failed``, each with a one-line reason
+in the log file and the module log.
+
+Crash safety: a batch is either committed (and then ``unchanged`` on the next run, because its
+records hold the size and mtime read) or not at all, so a run killed at any point and re-run
+indexes every file exactly once. A changed file (same path, new bytes) replaces its record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.decode import DEFAULT_LIMITS, DecodeLimits, ImageDecodeError, decode_image
+from models.preprocess import Preprocess
+
+from index.store import IndexStore
+
+log = logging.getLogger(__name__)
+
+#: File name endings treated as images (others are ignored). Formats the decoder refuses
+#: (TIFF, BMP, HEIC...) are still listed so that they are reported as failures, not skipped.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                            ".heic", ".heif", ".avif"})
+LOG_DIR = "logs"
+
+
+@dataclass
+class IngestReport:
+    """Counts of one run. ``failures``: (relative path, code, reason)."""
+
+    added: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    replaced: int = 0
+    ignored: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    embed_seconds: float = 0.0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
+    log_path: Path | None = None
+    generation: int | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        done = self.added + self.duplicates + self.failed
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        s = (f"added {self.added}, unchanged {self.unchanged}, duplicates {self.duplicates}, failed {self.failed}"
+             + (f", replaced {self.replaced}" if self.replaced else "")
+             + f" in {self.seconds:.1f}s")
+        if self.log_path is not None and self.failed:
+            s += f"; failures listed in {self.log_path}"
+        return s
+
+
+def walk_images(root: Path, *, include: Sequence[str] | None = None,
+                exclude: Sequence[Path] = ()) -> tuple[list[Path], int]:
+    """Image files under ``root`` (recursive, sorted, hidden entries and ``exclude`` dirs skipped).
+
+    ``include``: only these first-level subfolder names. Returns (files, number ignored).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory")
+    excluded = {p.resolve() for p in exclude}
+    tops = [root / c for c in include] if include is not None else [root]
+    for t in tops:
+        if not t.is_dir():
+            raise FileNotFoundError(f"{t}: no such folder under {root}")
+    files: list[Path] = []
+    ignored = 0
+    for top in tops:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dp = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (dp / d).resolve() not in excluded)
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(dp / name)
+                else:
+                    ignored += 1
+    return files, ignored
+
+
+class _DecodeDataset:
+    """torch Dataset over files: read + sha256 + safe decode + preprocess, in workers."""
+
+    def __init__(self, files: Sequence[Path], rels: Sequence[str], preprocess: Preprocess, limits: DecodeLimits,
+                 draft: bool) -> None:
+        self.files = list(files)
+        self.rels = list(rels)
+        self.preprocess = preprocess
+        self.limits = limits
+        self.draft_size = preprocess.draft_size() if draft else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        t0 = time.perf_counter()
+        rel = self.rels[i]
+        out = {"i": i, "rel": rel, "array": None, "code": None, "reason": None, "sha256": None, "size": 0,
+               "mtime": 0.0}
+        try:
+            with open(self.files[i], "rb") as fh:
+                st = os.fstat(fh.fileno())
+                out["size"], out["mtime"] = st.st_size, st.st_mtime
+                if st.st_size > self.limits.max_bytes:
+                    raise ImageDecodeError("too_large", f"file is {st.st_size} bytes, over the limit of "
+                                           f"{self.limits.max_bytes}", rel)
+                data = fh.read()
+            out["sha256"] = hashlib.sha256(data).hexdigest()
+            img = decode_image(data, limits=self.limits, source=rel, draft_size=self.draft_size)
+            out["array"] = self.preprocess(img)
+        except ImageDecodeError as exc:
+            out["code"], out["reason"] = exc.code, exc.reason
+        except OSError as exc:
+            out["code"], out["reason"] = "unreadable", f"cannot read file ({exc.strerror or exc})"
+        out["t"] = time.perf_counter() - t0
+        return out
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+class Embedder:
+    """Wraps an :class:`models.backends.InferenceBackend`: (N, 3, S, S) float32 -> (N, D) float32 unit."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.card = backend.card
+        self.preprocess = backend.preprocess
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, backend: str = "torch", bf16: bool | None = None) -> "Embedder":
+        from models.backends import load_backend
+
+        kwargs = {"bf16": bf16} if backend == "torch" else {}
+        return cls(load_backend(model_dir, backend, **kwargs))
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.backend.embed_array(batch)
+
+
+def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, labels_from_folders: bool = False,
+                 include: Sequence[str] | None = None, batch_size: int = 64, workers: int | None = None,
+                 limits: DecodeLimits = DEFAULT_LIMITS, draft: bool = True, progress: bool = True,
+                 checkpoint: bool = True, checkpoint_every: int = 100_000,
+                 log_path: str | Path | None = None) -> IngestReport:
+    """Index every image under ``folder`` (which must lie inside ``store.images_root``).
+
+    Args:
+        store: a writable :class:`IndexStore` built for ``embedder``'s model.
+        embedder: the model; its card must match the store's fingerprint.
+        labels_from_folders: label = the image's parent folder name (ImageFolder layout).
+        include: only these first-level subfolders of ``folder``.
+        batch_size: images per embedding batch (and per durable commit).
+        workers: DataLoader decode processes (default: CPU count, at most 4; 0 = in-process).
+        checkpoint: publish a generation at the end (and every ``checkpoint_every`` adds).
+        log_path: failure log (default ``<index>/logs/ingest-<time>.log``).
+
+    Returns:
+        The :class:`IngestReport` with counts and failures.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    if not store.writable:
+        raise ValueError(f"{store.directory}: open the index writable to add images")
+    if embedder.card.fingerprint != store.fingerprint:
+        from index.errors import ModelMismatchError
+
+        raise ModelMismatchError(f"{store.directory}: the index was built with model fingerprint {store.fingerprint}, "
+                                 f"but the model given has fingerprint {embedder.card.fingerprint}")
+    if store.images_root is None:
+        raise ValueError(f"{store.directory}: the index has no images root; folder images cannot be added")
+    folder = Path(folder).resolve()
+    root = store.images_root.resolve()
+    if not folder.is_relative_to(root):
+        raise ValueError(f"{folder} is outside the index's images root {root}; index images under it "
+                         "(or build a new index with --images pointing at a common parent)")
+    t_start = time.perf_counter()
+    report = IngestReport()
+    files, report.ignored = walk_images(folder, include=include, exclude=[store.directory])
+    report.seen = len(files)
+    known = store.db.folder_stats()
+    todo: list[Path] = []
+    rels: list[str] = []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        try:
+            st = f.stat()
+        except OSError as exc:
+            report.failed += 1
+            report.failures.append((rel, "unreadable", f"cannot stat ({exc.strerror or exc})"))
+            continue
+        k = known.get(rel)
+        if k is not None and k[1] == st.st_size and k[2] == st.st_mtime:
+            report.unchanged += 1
+            continue
+        todo.append(f)
+        rels.append(rel)
+    log.info("%s: %d image files, %d unchanged, %d to read", folder, len(files), report.unchanged, len(todo))
+
+    if log_path is None:
+        (store.directory / LOG_DIR).mkdir(exist_ok=True)
+        log_path = store.directory / LOG_DIR / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    report.log_path = Path(log_path)
+    logf = open(report.log_path, "a", encoding="utf-8")
+    logf.write(f"# lookalike index ingest of {folder} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    for rel, code, reason in report.failures:
+        logf.write(f"FAILED\t{rel}\t{code}\t{reason}\n")
+
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    ds = _DecodeDataset(todo, rels, embedder.preprocess, limits, draft)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    seen_shas: dict[str, str] = {}
+    since_ckpt = 0
+    bar = tqdm(total=len(todo), unit="img", desc="indexing", disable=not progress, smoothing=0.1)
+    try:
+        for items in loader:
+            ok = []
+            for it in items:
+                report.decode_seconds += it.pop("t", 0.0)
+                if it["array"] is None:
+                    report.failed += 1
+                    report.failures.append((it["rel"], it["code"], it["reason"]))
+                    log.warning("skipped %s: %s (%s)", it["rel"], it["reason"], it["code"])
+                    logf.write(f"FAILED\t{it['rel']}\t{it['code']}\t{it['reason']}\n")
+                else:
+                    ok.append(it)
+            present = store.db.shas_present([it["sha256"] for it in ok])
+            new, replace_ids = [], []
+            for it in ok:
+                sha, rel = it["sha256"], it["rel"]
+                prev = known.get(rel)
+                if prev is not None and prev[3] != sha:
+                    replace_ids.append(prev[0])  # this path's old content is gone whatever happens next
+                if sha in present and present[sha].source == "folder" and present[sha].path == rel:
+                    store.db.touch(present[sha].id, it["size"], it["mtime"])  # same bytes, new mtime
+                    report.unchanged += 1
+                elif sha in present or sha in seen_shas:
+                    other = present[sha].path if sha in present else seen_shas[sha]
+                    report.duplicates += 1
+                    logf.write(f"DUPLICATE\t{rel}\tsame sha256 as {other}\n")
+                else:
+                    seen_shas[sha] = rel
+                    new.append(it)
+            if replace_ids:
+                report.replaced += store.remove(replace_ids)
+            if new:
+                t0 = time.perf_counter()
+                batch = np.stack([it["array"] for it in new])
+                vecs = embedder(batch)
+                report.embed_seconds += time.perf_counter() - t0
+                label = (lambda rel: Path(rel).parent.name or None) if labels_from_folders else (lambda rel: None)
+                store.add(vecs, [{"path": it["rel"], "label": label(it["rel"]), "sha256": it["sha256"],
+                                  "size": it["size"], "mtime": it["mtime"], "source": "folder"} for it in new])
+                report.added += len(new)
+                since_ckpt += len(new)
+            bar.update(len(items))
+            bar.set_postfix(added=report.added, dup=report.duplicates, failed=report.failed, refresh=False)
+            if checkpoint and since_ckpt >= checkpoint_every:
+                store.checkpoint()
+                since_ckpt = 0
+        if checkpoint and (report.added or report.replaced or store.info()["pending_changes"]):
+            report.generation = store.checkpoint()
+    finally:
+        bar.close()
+        report.seconds = time.perf_counter() - t_start
+        logf.write(f"# {report.summary()}\n")
+        logf.close()
+    log.info("%s", report.summary())
+    return report
