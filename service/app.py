@@ -1,0 +1,74 @@
+"""The app factory: ``create_app(settings) -> FastAPI``.
+
+Heavy state (model backend, index, threads) is loaded in the lifespan, so importing this module
+and building the app are cheap; ``with TestClient(create_app(s))`` runs the lifespan.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from service.errors import install_error_handlers
+from service.metrics import ServiceMetrics
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware, SecurityHeadersMiddleware
+from service.routers import health, images, index, page, search
+from service.settings import Settings
+from service.state import BackendFactory, IndexOpener, ServiceState
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Image retrieval by metric learning: upload an image, get the most similar indexed
+images ranked by cosine similarity. Errors are always `{"error": {"code", "message"}}`."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    state: ServiceState = app.state.lookalike
+    try:
+        await state.start()
+    except BaseException as exc:
+        state.error = f"{type(exc).__name__}: {exc}"
+        await state.stop()
+        raise
+    try:
+        yield
+    finally:
+        await state.stop()
+
+
+def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None,
+               index_opener: IndexOpener | None = None) -> FastAPI:
+    """Build the lookalike FastAPI app.
+
+    Args:
+        settings: the configuration; None reads it from ``LOOKALIKE_*`` environment variables.
+        backend_factory: builds the inference backend (called in the inference thread); None
+            loads ``settings.model_dir`` with ``settings.backend``.
+        index_opener: ``(card, writable) -> IndexStore``; None opens ``settings.index_dir``.
+    """
+    from lookalike import __version__
+
+    settings = settings if settings is not None else Settings()
+    metrics = ServiceMetrics()
+    app = FastAPI(title="lookalike", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.lookalike = ServiceState(settings, metrics, backend_factory=backend_factory, index_opener=index_opener)
+    app.state.settings = settings
+    install_error_handlers(app)
+    for r in (search.router, images.router, index.router, health.router, page.router):
+        app.include_router(r)
+    app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
+
+    # Added innermost first: Metrics(SecurityHeaders(BodyLimit([CORS](app)))).
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

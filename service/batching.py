@@ -1,0 +1,342 @@
+"""Micro-batching pipeline: one inference thread, one search thread, a bounded admission count.
+
+Why this shape (each a measured fact on these 2-core machines):
+
+* A torch forward run from another thread than the one that built the model was 1.7x slower,
+  so the backend is built *and* run in one dedicated thread (``lookalike-infer``), which also
+  sets the torch / ONNX Runtime thread count there.
+* Concurrent queries waiting for that thread are taken together (up to ``max_batch``) into one
+  forward pass and one batched index search. The thread never waits for a batch to fill when
+  no other query is on its way (at one client that would only add latency); it waits up to
+  ``wait_ms`` only while admitted queries are still being decoded.
+* The index search runs in a second thread (``lookalike-search``) so batch n+1's forward pass
+  overlaps batch n's search; ``faiss.omp_set_num_threads`` applies only to the thread that calls
+  it, so it is called there.
+* Admission is bounded (``max_pending``): beyond it :class:`Overloaded` is raised at once and the
+  service answers 503 instead of letting latency grow without limit.
+
+Results are handed back to the event loop with ``loop.call_soon_threadsafe``; the event loop
+never runs model or index code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class Overloaded(Exception):
+    """Too many queries are pending; the caller should answer 503 with Retry-After."""
+
+
+class NotRunning(Exception):
+    """The pipeline is not started, failed to start, or is stopping."""
+
+
+@dataclass(eq=False)
+class _Job:
+    array: np.ndarray              # (3, S, S) float32
+    k: int                         # 0 = embed only
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    vector: np.ndarray | None = field(default=None)
+
+
+def _resolve(fut: asyncio.Future, value: Any = None, exc: BaseException | None = None) -> None:
+    if fut.done():
+        return  # the caller went away
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
+class Ticket:
+    """One admitted query. Use as a context manager; ``release`` is idempotent."""
+
+    def __init__(self, batcher: "MicroBatcher") -> None:
+        self._batcher = batcher
+        self._incoming = True
+        self._released = False
+
+    def _enqueued(self) -> None:
+        if self._incoming:
+            self._incoming = False
+            self._batcher._change(incoming=-1)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._batcher._change(pending=-1, incoming=-1 if self._incoming else 0)
+            self._incoming = False
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class MicroBatcher:
+    """Runs an :class:`~models.backends.InferenceBackend` and an index search in two threads.
+
+    Args:
+        backend_factory: builds the backend; called *in* the inference thread.
+        max_batch: most queries per forward pass (1 disables micro-batching).
+        wait_ms: longest wait for more queries while others are still being decoded.
+        max_pending: queries admitted at once (decode + queue + inference + search).
+        search_threads: FAISS OpenMP threads of the search thread.
+        metrics: optional :class:`~service.metrics.ServiceMetrics`.
+    """
+
+    def __init__(self, backend_factory: Callable[[], Any], *, max_batch: int = 16, wait_ms: float = 2.0,
+                 max_pending: int = 64, search_threads: int = 1, metrics=None) -> None:
+        if max_batch < 1 or max_pending < 1 or wait_ms < 0 or search_threads < 1:
+            raise ValueError(
+                f"need max_batch >= 1, max_pending >= 1, wait_ms >= 0, search_threads >= 1; got "
+                f"{max_batch}, {max_pending}, {wait_ms}, {search_threads}"
+            )
+        self._factory = backend_factory
+        self.max_batch = max_batch
+        self.wait_s = wait_ms / 1000.0
+        self.max_pending = max_pending
+        self.search_threads = search_threads
+        self.metrics = metrics
+        self.backend = None
+        self.store = None
+        self._queue: queue.Queue = queue.Queue()
+        self._search_queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._incoming = 0
+        self._accepting = False
+        self._infer_thread: threading.Thread | None = None
+        self._search_thread: threading.Thread | None = None
+        self._backend_ready: concurrent.futures.Future = concurrent.futures.Future()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> concurrent.futures.Future:
+        """Start the inference thread; the returned future gives the built backend (or its error)."""
+        if self._infer_thread is not None:
+            raise RuntimeError("MicroBatcher already started")
+        self._infer_thread = threading.Thread(target=self._infer_main, name="lookalike-infer", daemon=True)
+        self._infer_thread.start()
+        return self._backend_ready
+
+    def attach_index(self, store) -> None:
+        """Start the search thread over ``store`` (an :class:`index.IndexStore`) and accept queries."""
+        if self.backend is None:
+            raise RuntimeError("attach_index before the backend is ready")
+        self.store = store
+        self._search_thread = threading.Thread(target=self._search_main, name="lookalike-search", daemon=True)
+        self._search_thread.start()
+        self._accepting = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, finish queued work, join the threads."""
+        self._accepting = False
+        if self._infer_thread is not None:
+            self._queue.put(_STOP)
+            self._infer_thread.join(timeout)
+        if self._search_thread is not None:
+            self._search_queue.put(_STOP)
+            self._search_thread.join(timeout)
+        # anything still queued gets an error rather than hanging forever
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, _Job):
+                job.loop.call_soon_threadsafe(_resolve, job.future, None, NotRunning("service is stopping"))
+
+    @property
+    def running(self) -> bool:
+        return self._accepting
+
+    # ---- admission --------------------------------------------------------------------------
+    def _change(self, pending: int = 0, incoming: int = 0) -> None:
+        with self._lock:
+            self._pending += pending
+            self._incoming += incoming
+
+    @property
+    def pending(self) -> int:
+        """Queries admitted and not yet answered."""
+        return self._pending
+
+    @property
+    def queue_depth(self) -> int:
+        """Queries waiting for the inference thread."""
+        return self._queue.qsize()
+
+    def admit(self) -> Ticket:
+        """Admit one query or raise :class:`Overloaded` (at once, no waiting)."""
+        if not self._accepting:
+            raise NotRunning("the model and index are not ready")
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise Overloaded(f"{self._pending} queries pending (limit {self.max_pending})")
+            self._pending += 1
+            self._incoming += 1
+        return Ticket(self)
+
+    # ---- queries ----------------------------------------------------------------------------
+    async def _submit(self, ticket: Ticket, array: np.ndarray, k: int):
+        if not self._accepting:
+            raise NotRunning("service is stopping")
+        loop = asyncio.get_running_loop()
+        job = _Job(array=array, k=k, loop=loop, future=loop.create_future())
+        ticket._enqueued()  # before put: the inference thread must not wait for this very job
+        self._queue.put(job)
+        return await job.future
+
+    async def search(self, ticket: Ticket, array: np.ndarray, k: int) -> tuple[np.ndarray, list]:
+        """Embed one preprocessed image and search it.
+
+        Args:
+            array: (3, S, S) float32 from :class:`models.preprocess.Preprocess`.
+            k: hits wanted (>= 1).
+
+        Returns:
+            ((D,) float32 unit vector, list of at most k ``index.SearchHit``).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        return await self._submit(ticket, array, k)
+
+    async def embed(self, ticket: Ticket, array: np.ndarray) -> np.ndarray:
+        """Embed one preprocessed (3, S, S) float32 image -> (D,) float32 unit vector."""
+        vector, _ = await self._submit(ticket, array, 0)
+        return vector
+
+    async def run_in_search_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` in the search thread (index reads that use FAISS, e.g. search_by_id)."""
+        if self._search_thread is None:
+            raise NotRunning("the index is not ready")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._search_queue.put((fn, loop, fut))
+        return await fut
+
+    # ---- threads ----------------------------------------------------------------------------
+    def _infer_main(self) -> None:
+        try:
+            backend = self._factory()
+            size = backend.card.image_size
+            warm = np.zeros((1, 3, size, size), dtype=np.float32)
+            out = backend.embed_array(warm)  # first call allocates; also checks the output
+            if out.shape != (1, backend.card.embedding_dim) or not np.isfinite(out).all():
+                raise RuntimeError(
+                    f"backend self-check failed: output {out.shape}, expected (1, {backend.card.embedding_dim})"
+                )
+            self.backend = backend
+        except BaseException as exc:  # noqa: BLE001 - reported through the future
+            log.error("inference backend failed to start: %s", exc)
+            self._backend_ready.set_exception(exc)
+            return
+        self._backend_ready.set_result(backend)
+        log.info("inference thread ready (backend=%s, max_batch=%d, wait_ms=%.1f)",
+                 getattr(backend, "name", "?"), self.max_batch, self.wait_s * 1000)
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch, stop = self._collect(first)
+            if batch:
+                self._run_batch(backend, batch)
+            if stop:
+                return
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        batch = [first]
+        deadline = None
+        while len(batch) < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                if self.wait_s <= 0 or self._incoming <= 0:
+                    break  # nobody else is on the way: do not add latency
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.wait_s
+                if now >= deadline:
+                    break
+                try:
+                    job = self._queue.get(timeout=min(deadline - now, 0.0005))
+                except queue.Empty:
+                    continue
+            if job is _STOP:
+                return [j for j in batch if not j.future.done()], True
+            batch.append(job)
+        return [j for j in batch if not j.future.done()], False
+
+    def _run_batch(self, backend, batch: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        try:
+            vectors = backend.embed_array(np.stack([j.array for j in batch]))
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the thread
+            log.exception("forward pass failed for a batch of %d", len(batch))
+            for j in batch:
+                j.loop.call_soon_threadsafe(_resolve, j.future, None, RuntimeError("inference failed"))
+            return
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.inference_seconds.observe(time.perf_counter() - t0)
+        to_search: list[int] = []
+        for i, j in enumerate(batch):
+            j.vector = vectors[i]
+            if j.k > 0:
+                to_search.append(i)
+            else:
+                j.loop.call_soon_threadsafe(_resolve, j.future, (vectors[i], None))
+        if to_search:
+            jobs = [batch[i] for i in to_search]
+            self._search_queue.put((vectors[to_search], jobs))
+
+    def _search_main(self) -> None:
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(self.search_threads)
+        except ImportError:  # pragma: no cover - faiss is a core dependency
+            log.warning("faiss not importable; search thread count not set")
+        while True:
+            item = self._search_queue.get()
+            if item is _STOP:
+                return
+            if callable(item[0]):
+                fn, loop, fut = item
+                try:
+                    value = fn()
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    loop.call_soon_threadsafe(_resolve, fut, None, exc)
+                else:
+                    loop.call_soon_threadsafe(_resolve, fut, value)
+                continue
+            vectors, jobs = item
+            t0 = time.perf_counter()
+            try:
+                hits = self.store.search(np.ascontiguousarray(vectors, dtype=np.float32), max(j.k for j in jobs))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("index search failed for a batch of %d", len(jobs))
+                for j in jobs:
+                    j.loop.call_soon_threadsafe(_resolve, j.future, None, RuntimeError("search failed"))
+                continue
+            if self.metrics is not None:
+                self.metrics.search_seconds.observe(time.perf_counter() - t0)
+            for j, h in zip(jobs, hits):
+                j.loop.call_soon_threadsafe(_resolve, j.future, (j.vector, h[: j.k]))

@@ -1,0 +1,206 @@
+"""Pure ASGI middlewares: request body cap, request metrics, security headers.
+
+They are plain ASGI (not ``BaseHTTPMiddleware``) so they add microseconds, stream the body
+through untouched, and see every response including the error ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _json_message(status: int, code: str, message: str, extra_headers: list[tuple[bytes, bytes]] = ()):
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    start = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *extra_headers,
+        ],
+    }
+    return start, {"type": "http.response.body", "body": body, "more_body": False}
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` once a request body passes the cap."""
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_body_bytes`` with 413, before they are read whole.
+
+    * A ``Content-Length`` over the cap is answered at once; the body is never read into the app.
+    * Without one (chunked), or if the client sends more than it announced, ``receive`` is
+      counted and the app is stopped (``BodyTooLarge``) as soon as the cap is passed; the
+      response the app would have sent is replaced by the 413.
+
+    After a 413 the rest of the body is drained (up to ``drain_bytes``, within ``drain_s``) so the
+    client reads the answer instead of a connection reset; then the connection closes.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, drain_bytes: int | None = None,
+                 drain_s: float = 5.0) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.drain_bytes = drain_bytes if drain_bytes is not None else 8 * max_body_bytes
+        self.drain_s = drain_s
+
+    def _message(self) -> str:
+        return f"request body is over the limit of {self.max_body_bytes} bytes"
+
+    async def _drain(self, receive: Receive, already: int) -> None:
+        async def drain() -> None:
+            seen = already
+            while seen < self.drain_bytes:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return
+                seen += len(msg.get("body", b""))
+                if not msg.get("more_body", False):
+                    return
+
+        try:
+            await asyncio.wait_for(drain(), self.drain_s)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - best effort only
+            pass
+
+    async def _refuse(self, send: Send) -> None:
+        start, body = _json_message(413, "too_large", self._message(), [(b"connection", b"close")])
+        await send(start)
+        await send(body)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    start, body = _json_message(400, "bad_request", "invalid Content-Length header")
+                    await send(start)
+                    await send(body)
+                    return
+        if declared is not None and declared > self.max_body_bytes:
+            await self._refuse(send)
+            await self._drain(receive, 0)
+            return
+
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_body_bytes:
+                    exceeded = True
+                    raise BodyTooLarge(self._message())
+            return msg
+
+        async def guarded_send(msg: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the app's own answer is replaced by the 413
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyTooLarge:
+            exceeded = True
+        if exceeded and not started:
+            await self._refuse(send)
+            await self._drain(receive, received)
+
+
+class MetricsMiddleware:
+    """Count requests and time them by method, route template and status.
+
+    The route template (``/v1/images/{image_id}``) comes from the matched route, so ids do not
+    explode the label set; unmatched paths are labelled ``<unmatched>``.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None)
+            if template is None:
+                template = "/static" if scope.get("path", "").startswith("/static/") else "<unmatched>"
+            self.metrics.observe_request(scope.get("method", ""), template, status, time.perf_counter() - t0)
+
+
+class SecurityHeadersMiddleware:
+    """Add conservative security headers to every response (CSP for the page)."""
+
+    HEADERS = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-frame-options", b"DENY"),
+        (b"cross-origin-resource-policy", b"same-origin"),
+    ]
+    CSP = (
+        b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+        b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    )
+
+    #: Paths whose pages load Swagger UI / ReDoc from their CDN: no CSP there.
+    NO_CSP_PREFIXES = ("/docs", "/redoc")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        csp = not scope.get("path", "").startswith(self.NO_CSP_PREFIXES)
+
+        async def send_wrapper(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                headers = list(msg.get("headers", ()))
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in self.HEADERS if k not in present]
+                if csp and b"content-security-policy" not in present:
+                    headers.append((b"content-security-policy", self.CSP))
+                msg["headers"] = headers
+            await send(msg)
+
+        await self.app(scope, receive, send_wrapper)

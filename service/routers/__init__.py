@@ -1,0 +1,1 @@
+"""One router per resource: search, images, index, health/metrics, page."""

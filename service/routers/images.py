@@ -1,0 +1,107 @@
+"""``/v1/images``: fetch an indexed image, search by it, add and delete images (API key)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from service.deps import ReadyDep, WriterDep
+from service.errors import ApiError
+from service.routers.common import errors, image_url, search_response
+from service.schemas import AddImageResponse, DeleteResponse, ImageOut, SearchResponse
+from service.uploads import image_ext, image_media_type, parse_k, parse_label, read_upload, upload_openapi
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+ImageId = Annotated[int, Path(ge=0, le=2**63 - 1, description="image id")]
+
+
+def _not_found(image_id: int) -> ApiError:
+    return ApiError(404, "not_found", f"no image with id {image_id}")
+
+
+def _image_out(request: Request, rec) -> ImageOut:
+    return ImageOut(id=rec.id, path=rec.path, label=rec.label, sha256=rec.sha256, size=rec.size,
+                    source=rec.source, added_at=rec.added_at, image_url=image_url(request, rec.id))
+
+
+def _open_image(store, image_id: int):
+    """(path, media type) of an indexed image, or None. Only the store resolves paths."""
+    path = store.image_path(image_id)
+    if path is None or not path.is_file():
+        return None
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    return path, image_media_type(head)
+
+
+@router.get("/{image_id}", name="get_image", response_class=FileResponse, summary="An indexed image",
+            responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}, "image/gif": {}}},
+                       **errors(404, 422, 503)})
+async def get_image(image_id: ImageId, state: ReadyDep) -> FileResponse:
+    """The image file of an indexed id, served only from the index's images root or its uploads."""
+    found = await state.read(_open_image, state.store, image_id)
+    if found is None:
+        raise _not_found(image_id)
+    path, media_type = found
+    if media_type is None:  # not an image format we serve inline
+        return FileResponse(path, media_type="application/octet-stream",
+                            content_disposition_type="attachment", filename=f"{image_id}.bin")
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.get("/{image_id}/similar", response_model=SearchResponse, summary="Search by an indexed image",
+            responses=errors(404, 422, 503))
+async def similar(request: Request, image_id: ImageId, state: ReadyDep,
+                  k: Annotated[int | None, Query(description="hits wanted (1..max_k)")] = None) -> SearchResponse:
+    """The ``k`` images most similar to an already indexed one (itself excluded)."""
+    t0 = time.perf_counter()
+    kk = parse_k(k, state.settings.default_k, state.settings.max_k)
+    with state.admit():
+        try:
+            hits = await state.search_thread(lambda: state.store.search_by_id(image_id, kk))
+        except KeyError:
+            raise _not_found(image_id) from None
+    return search_response(request, state, hits, kk, t0)
+
+
+@router.post(
+    "",
+    response_model=AddImageResponse,
+    status_code=201,
+    summary="Add an uploaded image (API key)",
+    openapi_extra=upload_openapi(("label", {"type": "string", "maxLength": 200, "description": "optional label"})),
+    responses={200: {"model": AddImageResponse, "description": "the same bytes were already indexed"},
+               **errors(400, 401, 403, 413, 415, 422, 503)},
+)
+async def add_image(request: Request, response: Response, state: WriterDep) -> AddImageResponse:
+    """Embed and index an uploaded image. A 201 means it is durable and the next search sees it;
+    200 means the identical file was already indexed (the existing record is returned)."""
+    with state.admit() as ticket:
+        upload = await read_upload(request, state.settings.max_upload_bytes)
+        label = parse_label(upload.fields.get("label"))
+        array = await state.decode(upload.data)
+        vector = await state.batcher.embed(ticket, array)
+        ext = image_ext(upload.data)
+
+        def add(store):
+            before = len(store)
+            rec = store.add_upload(upload.data, vector, label=label, ext=ext)
+            return rec, len(store) > before, len(store)
+
+        rec, created, size = await state.write(add)
+    response.status_code = 201 if created else 200
+    return AddImageResponse(image=_image_out(request, rec), created=created, index_size=size)
+
+
+@router.delete("/{image_id}", response_model=DeleteResponse, summary="Delete an image (API key)",
+               responses=errors(401, 403, 404, 422, 503))
+async def delete_image(image_id: ImageId, state: WriterDep) -> DeleteResponse:
+    """Remove an image from the index. A 200 means it is durable and no later search returns it."""
+    removed, size = await state.write(lambda store: (store.remove([image_id]), len(store)))
+    if removed == 0:
+        raise _not_found(image_id)
+    return DeleteResponse(id=image_id, deleted=True, index_size=size)

@@ -1,0 +1,79 @@
+"""Typed request/response models of the REST API (they also make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable reason, e.g. 'truncated', 'too_large', 'unauthorized'")
+    message: str = Field(description="what went wrong, in words")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class SearchResult(BaseModel):
+    id: int = Field(description="stable image id")
+    score: float = Field(description="cosine similarity in [-1, 1]; higher is more similar")
+    path: str = Field(description="path of the image relative to its root, for display")
+    label: str | None = Field(description="class label, if known")
+    image_url: str = Field(description="URL of the image on this service")
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult] = Field(description="at most k hits, best first")
+    k: int = Field(description="hits asked for")
+    model: str = Field(description="fingerprint of the model that embedded the query")
+    index: int = Field(description="generation of the index searched")
+    took_ms: float = Field(description="server time for this request in milliseconds")
+
+
+class ImageOut(BaseModel):
+    id: int
+    path: str
+    label: str | None
+    sha256: str
+    size: int = Field(description="bytes of the image file")
+    source: str = Field(description="'folder' (indexed from the images root) or 'upload'")
+    added_at: float = Field(description="unix time the image was indexed")
+    image_url: str
+
+
+class AddImageResponse(BaseModel):
+    image: ImageOut
+    created: bool = Field(description="false when the same bytes were already indexed (nothing added)")
+    index_size: int
+
+
+class DeleteResponse(BaseModel):
+    id: int
+    deleted: bool
+    index_size: int
+
+
+class IndexInfo(BaseModel):
+    size: int = Field(description="vectors in the index")
+    dim: int
+    factory: str = Field(description="FAISS factory string")
+    metric: str
+    model: str = Field(description="model fingerprint the index was built with")
+    generation: int
+    recall_at_10: float | None = Field(description="measured recall@10 of the ANN index against exact search")
+    recall_target: float | None
+    faiss_version: str | None
+    writable: bool = Field(description="whether this service accepts writes")
+    backend: str = Field(description="inference backend in use (torch or onnx)")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    model: str
+    backend: str
+    index_size: int
+    generation: int

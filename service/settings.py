@@ -1,0 +1,91 @@
+"""The one settings definition of the service, read from the environment (prefix ``LOOKALIKE_``).
+
+Every knob of ``lookalike serve`` lives here: ``LOOKALIKE_MODEL_DIR=runs/x LOOKALIKE_INDEX_DIR=idx
+LOOKALIKE_API_KEY=... lookalike serve``. Values are validated once at start-up; a bad value or a
+missing API key (while writes are enabled) refuses to start with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Service configuration. Environment variables are ``LOOKALIKE_<FIELD>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", extra="ignore", frozen=True)
+
+    # --- what to serve -------------------------------------------------------------------------
+    model_dir: Path | None = Field(None, description="model or training-run directory (card.json + weights)")
+    index_dir: Path | None = Field(None, description="index directory made by `lookalike index build`")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="inference backend; 'auto' uses ONNX Runtime when the model has model.onnx "
+        "(measured faster here at batch 1 and 8), else torch",
+    )
+    bf16: bool | None = Field(None, description="torch bf16 autocast; None = when the CPU supports it natively")
+
+    # --- writes and auth -----------------------------------------------------------------------
+    api_key: SecretStr | None = Field(None, description="bearer key required by POST/DELETE /v1/images")
+    writes_enabled: bool = Field(True, description="false: the index is opened read-only and writes answer 403")
+
+    # --- input limits --------------------------------------------------------------------------
+    max_upload_bytes: int = Field(10 * MiB, ge=1, description="largest accepted image file")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest accepted width*height")
+    max_side: int = Field(8192, ge=1, description="largest accepted image side in px")
+    multipart_overhead_bytes: int = Field(
+        64 * 1024, ge=1024, description="request body allowance on top of max_upload_bytes (form fields, boundaries)"
+    )
+    max_k: int = Field(100, ge=1, le=10_000, description="largest k a client may ask for")
+    default_k: int = Field(10, ge=1)
+    jpeg_draft: bool = Field(True, description="decode large JPEGs at a reduced DCT scale no smaller than needed")
+
+    # --- performance ---------------------------------------------------------------------------
+    max_batch: int = Field(16, ge=1, le=1024, description="most queries per forward pass (1 = no micro-batching)")
+    batch_wait_ms: float = Field(
+        2.0, ge=0.0, le=1000.0,
+        description="longest wait for more queries to fill a batch, only while other queries are being decoded",
+    )
+    max_pending: int = Field(64, ge=1, description="queries admitted at once; beyond it requests get 503 at once")
+    inference_threads: int = Field(1, ge=1, description="torch / ONNX Runtime intra-op threads")
+    search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads in the search thread")
+    decode_threads: int = Field(2, ge=1, description="threads decoding and preprocessing uploads")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503")
+    load_in_background: bool = Field(
+        False, description="start answering (503 until ready) while the model and index load"
+    )
+    checkpoint_every: int = Field(
+        1000, ge=0, description="publish a new index generation after this many writes (0 = only at shutdown)"
+    )
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; empty = CORS closed")
+    access_log: bool = False
+    limit_concurrency: int = Field(512, ge=1, description="uvicorn: connections beyond this get 503")
+    timeout_keep_alive: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.writes_enabled and (self.api_key is None or not self.api_key.get_secret_value().strip()):
+            raise ValueError(
+                "LOOKALIKE_API_KEY is not set: writes (POST/DELETE /v1/images) need an API key. "
+                "Set LOOKALIKE_API_KEY, or set LOOKALIKE_WRITES_ENABLED=false to serve read-only"
+            )
+        if self.api_key is not None and len(self.api_key.get_secret_value()) < 16:
+            raise ValueError("LOOKALIKE_API_KEY must be at least 16 characters")
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k={self.default_k} is over max_k={self.max_k}")
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body read: the image limit plus the multipart allowance."""
+        return self.max_upload_bytes + self.multipart_overhead_bytes

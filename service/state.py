@@ -1,0 +1,270 @@
+"""The service's runtime: model backend, index, worker threads, readiness.
+
+One :class:`ServiceState` lives on ``app.state.lookalike``; the lifespan starts and stops it.
+Threads, each with a deliberate thread count:
+
+* ``lookalike-infer`` builds and runs the backend (torch / ONNX Runtime intra-op threads =
+  ``inference_threads``), see :mod:`service.batching`;
+* ``lookalike-search`` runs FAISS searches (``search_threads`` OpenMP threads);
+* ``lookalike-decode-*`` (``decode_threads``) decode and preprocess uploads;
+* ``lookalike-write`` (one) applies adds, deletes and checkpoints in order, so each write is
+  durable before its 2xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from models.decode import DecodeLimits
+from service.batching import MicroBatcher, NotRunning, Overloaded, Ticket
+from service.errors import ApiError, unavailable
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.uploads import decode_to_input
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[], Any]
+IndexOpener = Callable[[Any, bool], Any]  # (card, writable) -> IndexStore
+
+
+def resolve_backend_name(settings: Settings) -> str:
+    """``torch`` or ``onnx``: ``auto`` picks ONNX Runtime when the model has an ONNX export."""
+    if settings.backend != "auto":
+        return settings.backend
+    from models.backends import ONNX_FILE
+    from models.io import resolve_model_dir
+
+    return "onnx" if (resolve_model_dir(settings.model_dir) / ONNX_FILE).is_file() else "torch"
+
+
+def default_backend_factory(settings: Settings) -> BackendFactory:
+    """A factory building the configured backend; it runs inside the inference thread."""
+
+    def build():
+        from models.backends import load_backend
+
+        name = resolve_backend_name(settings)
+        if name == "torch":
+            import torch
+
+            # Intra-op threads of the thread that runs the forward passes; inter-op parallelism
+            # is never useful for one CNN forward and only oversubscribes the cores.
+            torch.set_num_threads(settings.inference_threads)
+            try:
+                torch.set_num_interop_threads(1)
+            except RuntimeError:  # already set once in this process
+                pass
+            return load_backend(settings.model_dir, "torch", bf16=settings.bf16)
+        return load_backend(settings.model_dir, "onnx", threads=settings.inference_threads)
+
+    return build
+
+
+def default_index_opener(settings: Settings) -> IndexOpener:
+    def open_index(card, writable: bool):
+        from index import IndexStore
+
+        return IndexStore.open(settings.index_dir, card=card, writable=writable)
+
+    return open_index
+
+
+class ServiceState:
+    """Model backend + index + threads of one app. ``ready`` once loaded and verified."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, *,
+                 backend_factory: BackendFactory | None = None, index_opener: IndexOpener | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._backend_factory = backend_factory
+        self._index_opener = index_opener
+        self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+                                   max_side=settings.max_side)
+        self.batcher: MicroBatcher | None = None
+        self.store = None
+        self.backend = None
+        self.card = None
+        self.ready = False
+        self.error: str | None = None
+        self.stopping = False
+        self.decode_pool: ThreadPoolExecutor | None = None
+        self.write_pool: ThreadPoolExecutor | None = None
+        self._writes_since_checkpoint = 0
+        self._dirty = False
+        self._load_task: asyncio.Task | None = None
+        metrics.bind(
+            queue_depth=lambda: self.batcher.queue_depth if self.batcher else 0,
+            pending=lambda: self.batcher.pending if self.batcher else 0,
+            index_size=lambda: len(self.store) if self.store is not None else 0,
+        )
+
+    @property
+    def writable(self) -> bool:
+        return self.settings.writes_enabled
+
+    @property
+    def backend_name(self) -> str:
+        return getattr(self.backend, "name", "") or "unknown"
+
+    @property
+    def fingerprint(self) -> str:
+        return self.card.fingerprint if self.card is not None else ""
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load and verify the model and index (in the background if configured)."""
+        if self.settings.load_in_background:
+            self._load_task = asyncio.create_task(self._load_reporting())
+        else:
+            await self._load()
+
+    async def _load_reporting(self) -> None:
+        try:
+            await self._load()
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("loading failed; the service stays unready: %s", self.error)
+
+    async def _load(self) -> None:
+        s = self.settings
+        if self._backend_factory is None:
+            if s.model_dir is None:
+                raise RuntimeError("LOOKALIKE_MODEL_DIR is not set: point it at a model or training-run directory")
+            self._backend_factory = default_backend_factory(s)
+        if self._index_opener is None:
+            if s.index_dir is None:
+                raise RuntimeError("LOOKALIKE_INDEX_DIR is not set: point it at an index directory")
+            self._index_opener = default_index_opener(s)
+        t0 = time.perf_counter()
+        self.decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="lookalike-decode")
+        self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="lookalike-write",
+                                             initializer=_limit_faiss_threads, initargs=(1,))
+        self.batcher = MicroBatcher(self._backend_factory, max_batch=s.max_batch, wait_ms=s.batch_wait_ms,
+                                    max_pending=s.max_pending, search_threads=s.search_threads,
+                                    metrics=self.metrics)
+        self.backend = await asyncio.wrap_future(self.batcher.start())
+        self.card = self.backend.card
+        loop = asyncio.get_running_loop()
+        self.store = await loop.run_in_executor(self.write_pool, self._index_opener, self.card, self.writable)
+        if self.store.dim != self.card.embedding_dim:
+            raise RuntimeError(f"index dimension {self.store.dim} != model embedding_dim {self.card.embedding_dim}")
+        if self.store.fingerprint != self.card.fingerprint:
+            raise RuntimeError("index was built with another model (fingerprints differ)")
+        self.batcher.attach_index(self.store)
+        # End-to-end self-check: one query through the real pipeline.
+        size = self.card.image_size
+        with self.batcher.admit() as ticket:
+            vector, hits = await self.batcher.search(ticket, np.zeros((3, size, size), np.float32), 1)
+        if vector.shape != (self.card.embedding_dim,) or abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
+            raise RuntimeError(f"self-check failed: query vector shape {vector.shape}, norm {np.linalg.norm(vector)}")
+        if len(self.store) > 0 and not hits:
+            raise RuntimeError("self-check failed: a non-empty index returned no hit")
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info("ready in %.1fs: backend=%s, model=%s…, index size=%d, generation=%d, writable=%s",
+                 time.perf_counter() - t0, self.backend_name, self.fingerprint[:12], len(self.store),
+                 self.store.generation, self.writable)
+
+    async def stop(self) -> None:
+        """Stop taking queries, finish in-flight work, checkpoint writes, release the index lock."""
+        self.ready = False
+        self.stopping = True
+        self.metrics.ready.set(0)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.stop)
+        if self.store is not None and self.write_pool is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.write_pool, self._close_store)
+        for pool in (self.decode_pool, self.write_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _close_store(self) -> None:
+        try:
+            if self.writable and self._dirty:
+                gen = self.store.checkpoint()
+                log.info("checkpointed index generation %d at shutdown", gen)
+        finally:
+            self.store.close()
+
+    # ---- used by the routes -----------------------------------------------------------------
+    def require_ready(self) -> None:
+        if not self.ready:
+            reason = "service is stopping" if self.stopping else "model and index are loading"
+            if self.error:
+                reason = "model or index failed to load; see the server log"
+            raise unavailable(f"not ready: {reason}", self.settings.retry_after_s)
+
+    def admit(self) -> Ticket:
+        """Admit one query or answer 503 (overloaded / not running) at once."""
+        self.require_ready()
+        try:
+            return self.batcher.admit()
+        except Overloaded:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise unavailable("overloaded: too many queries in progress, retry shortly",
+                              self.settings.retry_after_s) from None
+        except NotRunning:
+            raise unavailable("not ready", self.settings.retry_after_s) from None
+
+    async def decode(self, data: bytes) -> np.ndarray:
+        """Decode + preprocess in the decode pool -> (3, S, S) float32. Raises ImageDecodeError."""
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.decode_pool, decode_to_input, data, self.backend.preprocess,
+                                              self.limits, self.settings.jpeg_draft)
+        finally:
+            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+
+    async def search_thread(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return await self.batcher.run_in_search_thread(fn)
+        except NotRunning:
+            raise unavailable("not ready", self.settings.retry_after_s) from None
+
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a cheap index read (metadata) off the event loop."""
+        return await asyncio.to_thread(fn, *args)
+
+    async def write(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(store)`` in the single writer thread; returns once it is durable."""
+        if not self.writable:
+            raise ApiError(403, "writes_disabled", "this service is read-only")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.write_pool, self._write, fn)
+
+    def _write(self, fn: Callable[[Any], Any]) -> Any:
+        result = fn(self.store)
+        self._dirty = True
+        self._writes_since_checkpoint += 1
+        every = self.settings.checkpoint_every
+        if every and self._writes_since_checkpoint >= every:
+            try:
+                gen = self.store.checkpoint()
+                self._writes_since_checkpoint = 0
+                self._dirty = False
+                log.info("checkpointed index generation %d after %d writes", gen, every)
+            except Exception:  # noqa: BLE001 - the write itself is durable in the log already
+                log.exception("checkpoint failed; writes stay durable in the index log")
+        return result
+
+
+def _limit_faiss_threads(n: int) -> None:
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:  # pragma: no cover
+        pass
+

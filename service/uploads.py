@@ -1,0 +1,134 @@
+"""Reading an uploaded image from a multipart request, and turning it into a model input.
+
+The request body is already capped by :class:`service.middleware.BodyLimitMiddleware`; this
+module parses the form, checks the file field's size, and decodes it through
+:func:`models.decode_image` (format decided by content, never by filename or header).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect, Request
+
+from models.decode import DecodeLimits, decode_image
+from models.preprocess import Preprocess
+from service.errors import ApiError
+
+#: Extension stored for each accepted format, from the magic bytes.
+_MAGIC_EXT = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"))
+
+MAX_FIELD_BYTES = 16 * 1024
+MAX_LABEL_CHARS = 200
+
+
+@dataclass
+class Upload:
+    data: bytes                # the file's bytes, at most the upload limit
+    fields: dict[str, str]     # the other form fields
+
+
+def upload_openapi(*fields: tuple[str, dict]) -> dict:
+    """OpenAPI ``requestBody`` for a multipart upload with a ``file`` part and extra fields."""
+    props = {"file": {"type": "string", "format": "binary", "description": "the image (JPEG, PNG, WebP or GIF)"}}
+    props.update(dict(fields))
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                                           "properties": props}}},
+        }
+    }
+
+
+async def read_upload(request: Request, max_upload_bytes: int) -> Upload:
+    """Parse ``multipart/form-data`` with one ``file`` part.
+
+    Raises:
+        ApiError: 415 not multipart, 400 malformed multipart, 422 no ``file`` part,
+            413 file over ``max_upload_bytes``.
+    """
+    ctype = request.headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       "send the image as multipart/form-data with a 'file' field")
+    try:
+        form = await request.form(max_files=1, max_fields=16, max_part_size=MAX_FIELD_BYTES)
+    except MultiPartException as exc:
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {exc.message}") from None
+    except HTTPException as exc:  # Starlette turns MultiPartException into a 400 inside an app
+        if exc.status_code != 400:
+            raise
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {exc.detail}") from None
+    except ClientDisconnect:
+        raise ApiError(400, "bad_request", "client disconnected while sending the body") from None
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise ApiError(422, "invalid_parameter", "file: an image file part named 'file' is required")
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise ApiError(413, "too_large", f"image is over the limit of {max_upload_bytes} bytes")
+        fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+    finally:
+        await form.close()
+    return Upload(data=data, fields=fields)
+
+
+def parse_k(raw: str | int | None, default: int, max_k: int) -> int:
+    """``k`` from a form or query value: an integer in [1, max_k] (422 otherwise)."""
+    if raw is None or raw == "":
+        return default
+    try:
+        k = int(raw)
+    except (TypeError, ValueError):
+        raise ApiError(422, "invalid_parameter", f"k: must be an integer, got {str(raw)[:32]!r}") from None
+    if not 1 <= k <= max_k:
+        raise ApiError(422, "invalid_parameter", f"k: must be between 1 and {max_k}, got {k}")
+    return k
+
+
+def parse_label(raw: str | None) -> str | None:
+    """Optional label: stripped, at most 200 printable characters; empty means none."""
+    if raw is None:
+        return None
+    label = raw.strip()
+    if not label:
+        return None
+    if len(label) > MAX_LABEL_CHARS or not label.isprintable():
+        raise ApiError(422, "invalid_parameter", f"label: at most {MAX_LABEL_CHARS} printable characters")
+    return label
+
+
+def image_ext(data: bytes) -> str:
+    """File extension for an image that :func:`models.decode_image` accepted."""
+    for magic, ext in _MAGIC_EXT:
+        if data.startswith(magic):
+            return ext
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise ValueError("not an accepted image format")  # decode_image refuses these first
+
+
+def image_media_type(head: bytes) -> str | None:
+    """Media type for the first bytes of an image file, or None if not an accepted format."""
+    try:
+        return {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp"}[image_ext(head)]
+    except ValueError:
+        return None
+
+
+def decode_to_input(data: bytes, preprocess: Preprocess, limits: DecodeLimits,
+                    jpeg_draft: bool = True) -> np.ndarray:
+    """Decode ``data`` safely and preprocess it -> (3, S, S) float32 model input.
+
+    Raises:
+        models.ImageDecodeError: the image was refused (mapped to 400/413/415 by the app).
+    """
+    img = decode_image(data, limits=limits, source="upload",
+                       draft_size=preprocess.draft_size() if jpeg_draft else None)
+    return preprocess(img)
