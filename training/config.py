@@ -82,6 +82,8 @@ class LossConfig(_Section):
     margin: float = Field(0.5, ge=0, description="contrastive: negative margin m; triplet: margin g")
     pos_margin: float = Field(0.0, ge=0, description="contrastive: positive pairs closer than this cost nothing")
     reduction: Literal["mean", "nonzero_mean", "sum"] = Field("nonzero_mean", description="how tuple losses are averaged")
+    squared: bool = Field(True, description="contrastive: the seed's ½·max(0, ·)² terms (False: plain hinge, PML's form)")
+    balance: bool = Field(True, description="contrastive: reduce positive and negative pairs separately and add them")
     soft: bool = Field(False, description="triplet: soft-margin softplus instead of the hinge")
     miner: Literal["none", "batch_hard", "semi_hard", "batch_all"] = Field("none", description="hard-negative miner (none: all pairs/triplets in the batch)")
     miner_margin: float | None = Field(None, ge=0, description="margin of semi_hard/batch_all miners (default: loss margin)")

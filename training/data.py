@@ -197,7 +197,7 @@ def train_transform(card: ModelCard, *, scale_min: float = 0.25, color_jitter: f
 
 def _load_resized(path: Path, pre: Preprocess) -> np.ndarray:
     img = decode_image(path, draft_size=pre.draft_size())
-    return np.asarray(pre.resize(img), dtype=np.uint8)
+    return np.array(pre.resize(img), dtype=np.uint8)  # writable copy (torch.from_numpy warns on read-only)
 
 
 class ImageDataset(Dataset):

@@ -1,0 +1,149 @@
+"""``lookalike train | eval | lr-find | export`` (registered into the single ``lookalike`` command).
+
+Every training-config field is a flag (``--loss.margin 0.3``) and can also be given as
+``--set loss.margin=0.3``; values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from training.config import flat_fields
+
+    p.add_argument("--config", help="YAML training config (defaults used for absent fields)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (repeatable)")
+    g = p.add_argument_group("config fields (each overrides the YAML)")
+    for name, info in flat_fields().items():
+        g.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar="V",
+                       help=(info.description or "") + f" (default: {info.default})")
+
+
+def _config_from_args(args: argparse.Namespace):
+    import yaml
+
+    from training.config import load_config, parse_override
+
+    overrides = dict(parse_override(s) for s in args.set)
+    for key, val in vars(args).items():
+        if key.startswith("cfg:"):
+            overrides[key[4:]] = yaml.safe_load(val) if val.strip() else None
+    return load_config(args.config, overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.trainer import train
+
+    cfg = _config_from_args(args)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    fin, unt = result["final"], result["untrained"]
+    print(json.dumps(result, indent=2))
+    if "test/recall@1" in fin:
+        print(f"\nR@1 on held-out test classes: {100 * fin['test/recall@1']:.1f} (untrained "
+              f"{100 * unt.get('test/recall@1', float('nan')):.1f}), MAP@R {100 * fin['test/map@r']:.1f}; "
+              f"model in {result['model']} ({result['train_seconds']:.0f} s of training)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from models.io import load_model, resolve_model_dir
+    from training.config import TrainConfig, load_config
+    from training.data import ImageDataset, Split, make_splits, scan_image_folder, should_cache
+    from training.metrics import retrieval_metrics
+    from training.report import read_history, write_report
+    from training.trainer import embed_dataset, resolve_device, use_bf16
+
+    model_dir = resolve_model_dir(args.model)
+    run_dir = model_dir.parent if (model_dir.parent / "config.yaml").is_file() else None
+    cfg: TrainConfig = load_config(run_dir / "config.yaml") if run_dir else load_config()
+    data = cfg.data
+    if args.data and not args.test_classes:
+        # a folder without class lists: every class in it is evaluated
+        by_class = scan_image_folder(args.data)
+        names = sorted(by_class)
+        split = Split([p for c in names for p in by_class[c]],
+                      [i for i, c in enumerate(names) for _ in by_class[c]], names)
+    else:
+        split = make_splits(args.data or data.root, train_classes=None if args.test_classes else data.train_classes,
+                            test_classes=args.test_classes or data.test_classes,
+                            test_fraction=data.test_fraction, seed=data.split_seed)["test"]
+    model = load_model(model_dir)
+    device = resolve_device(args.device)
+    bf16 = use_bf16("none" if args.fp32 else "auto", device)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    ds = ImageDataset(split, model.card, train=False,
+                      cache=should_cache(len(split), model.card, "auto", 2048))
+    emb = embed_dataset(model, ds, device=device, bf16=bf16)
+    labels = np.asarray(split.labels)
+    metrics = retrieval_metrics(emb, labels)
+    out = Path(args.out) if args.out else (run_dir or model_dir) / "report"
+    paths = write_report(out, metrics=metrics, history=read_history(run_dir) if run_dir else [], emb=emb, labels=labels,
+                         images=_LazyImages(ds), class_names=split.classes,
+                         title=f"lookalike eval: {model.card.backbone} {model.card.embedding_dim}-d on {len(split.classes)} held-out classes")
+    print(json.dumps({"metrics": metrics, "report_png": str(paths["png"]), "report_html": str(paths["html"])}, indent=2))
+    return 0
+
+
+class _LazyImages:
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __getitem__(self, i):
+        return self.ds.resized(int(i))
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from training.lr_find import lr_range_test
+
+    cfg = _config_from_args(args)
+    res = lr_range_test(cfg, lr_min=args.min_lr, lr_max=args.max_lr, steps=args.steps, out_png=args.plot)
+    print(json.dumps({k: res[k] for k in ("suggested_lr", "steepest_lr", "min_loss_lr")} | {"plot": args.plot}, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from models.export import export_onnx
+
+    if not args.onnx:
+        print("lookalike export: nothing to do (pass --onnx)", file=sys.stderr)
+        return 2
+    path, diff = export_onnx(args.model)
+    print(json.dumps({"onnx": str(path), "max_abs_diff_vs_torch": diff}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an embedding model on an ImageFolder dataset")
+    _add_config_flags(p)
+    p.add_argument("--resume", action="store_true", help="resume the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="retrieval metrics on held-out classes + a report (PNG/HTML)")
+    p.add_argument("--model", required=True, help="run or model directory")
+    p.add_argument("--data", help="dataset root (default: the run's)")
+    p.add_argument("--test-classes", help="file listing the classes to evaluate (default: the run's test classes)")
+    p.add_argument("--out", help="report directory (default: <run>/report)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fp32", action="store_true", help="embed in float32 (default: bf16 where supported)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("lr-find", help="LR range test: plot loss vs learning rate and suggest one")
+    _add_config_flags(p)
+    p.add_argument("--plot", default="lr_find.png", help="PNG plot path")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--max-lr", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=100)
+    p.set_defaults(func=_cmd_lr_find)
+
+    p = sub.add_parser("export", help="export a model (ONNX), verified against torch")
+    p.add_argument("model", help="run or model directory")
+    p.add_argument("--onnx", action="store_true", help="write model.onnx beside the weights")
+    p.set_defaults(func=_cmd_export)

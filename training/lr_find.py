@@ -1,0 +1,103 @@
+"""LR range test (Smith 2015, fast.ai style): raise the LR exponentially for a few hundred
+steps, record the smoothed loss, stop when it diverges, plot loss vs LR, suggest an LR.
+
+The suggestion is the LR of the steepest descent of the smoothed loss, capped at a tenth of
+the LR where the loss was lowest (a common, conservative rule).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from training.config import TrainConfig
+from training.data import ImageDataset, PKSampler, make_splits, should_cache
+from training.losses import build_loss
+from training.trainer import AuxClassifier, _param_groups, build_optimizer, card_from_config, loss_kwargs, resolve_device, use_bf16
+from models.net import EmbeddingNet
+
+log = logging.getLogger(__name__)
+
+
+def lr_range_test(cfg: TrainConfig, *, lr_min: float = 1e-6, lr_max: float = 1.0, steps: int = 100,
+                  beta: float = 0.9, out_png: str | Path | None = None) -> dict[str, Any]:
+    """Run the range test on the training split of ``cfg``; returns lrs, losses and the suggestion."""
+    if not (0 < lr_min < lr_max):
+        raise ValueError(f"need 0 < lr_min < lr_max, got {lr_min}, {lr_max}")
+    if steps < 10:
+        raise ValueError(f"steps must be >= 10, got {steps}")
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    bf16 = use_bf16(cfg.amp, device)
+    splits = make_splits(cfg.data.root, train_classes=cfg.data.train_classes, test_classes=cfg.data.test_classes,
+                         test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    card = card_from_config(cfg)
+    cache = should_cache(len(splits["train"]), card, cfg.data.cache_images, cfg.data.cache_budget_mb)
+    ds = ImageDataset(splits["train"], card, train=True, cache=cache, scale_min=cfg.data.scale_min)
+    sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k, batches_per_epoch=steps, seed=cfg.seed)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=0 if cache else cfg.data.workers)
+    model = EmbeddingNet(card, backbone_weights=cfg.model.weights).to(device).train()
+    aux = AuxClassifier(card.embedding_dim, len(splits["train"].classes), cfg.loss.aux, cfg.loss.aux_temperature).to(device) if cfg.loss.aux != "none" else None
+    loss_fn = build_loss(cfg.loss.name, margin=cfg.loss.margin, distance=cfg.loss.distance, reduction=cfg.loss.reduction,
+                         **loss_kwargs(cfg))
+    opt = build_optimizer(cfg.optim.name, _param_groups(model, aux, cfg), lr=lr_min, weight_decay=cfg.optim.weight_decay,
+                          momentum=cfg.optim.momentum)
+    gamma = (lr_max / lr_min) ** (1 / (steps - 1))
+    lrs, losses, smooth, best = [], [], 0.0, math.inf
+    for i, (x, y) in enumerate(loader):
+        lr = lr_min * gamma**i
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            raw = model.forward_raw(x.to(device))
+        emb = F.normalize(raw.float(), dim=1)
+        y = y.to(device)
+        loss = loss_fn(emb, y)
+        if aux is not None:
+            loss = loss + cfg.loss.aux_weight * aux(emb, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        v = float(loss.detach())
+        smooth = beta * smooth + (1 - beta) * v
+        corrected = smooth / (1 - beta ** (i + 1))
+        lrs.append(lr)
+        losses.append(corrected)
+        best = min(best, corrected)
+        if not math.isfinite(v) or corrected > 4 * best and i > 10:
+            log.info("stopping at lr %.2e: loss diverged", lr)
+            break
+    lr_arr, loss_arr = np.array(lrs), np.array(losses)
+    grads = np.gradient(loss_arr, np.log10(lr_arr)) if len(lr_arr) > 2 else np.zeros_like(loss_arr)
+    skip = max(1, len(lr_arr) // 10)
+    steepest = float(lr_arr[skip + int(np.argmin(grads[skip:-1]))]) if len(lr_arr) > skip + 2 else float(lr_arr[0])
+    at_min = float(lr_arr[int(np.argmin(loss_arr))])
+    suggestion = min(steepest, at_min / 10) if at_min / 10 > lr_min else steepest
+    result = {"lrs": lrs, "losses": losses, "suggested_lr": suggestion, "steepest_lr": steepest, "min_loss_lr": at_min}
+    if out_png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(lr_arr, loss_arr)
+        ax.axvline(suggestion, color="red", ls="--", label=f"suggested {suggestion:.2e}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("smoothed loss")
+        ax.set_title(f"LR range test: {cfg.model.backbone}, {cfg.loss.name}, {cfg.optim.name}")
+        ax.legend()
+        fig.tight_layout()
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=100)
+        plt.close(fig)
+    return result

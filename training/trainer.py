@@ -1,0 +1,425 @@
+"""The training recipe: ``train_one_epoch``, ``evaluate``, ``train(cfg)``.
+
+Reads like torchvision's classification reference. One run directory holds the resolved
+``config.yaml``, ``metrics.jsonl`` (one line per epoch), ``checkpoint/`` (resumable, no pickle),
+``model/`` (card + safetensors: what index/ and service/ load) and ``eval.json``.
+
+Collapse monitoring: every step records the mean pairwise cosine of the batch embeddings,
+the fraction of active tuples and the embedding norm before normalisation. A mean cosine
+above ``collapse_cosine`` means the network maps every image to nearly the same point (the
+batch-hard collapse measured on cub100); it is logged as a warning with what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from models.backends import bf16_supported
+from models.card import ModelCard
+from models.io import save_model
+from models.net import EmbeddingNet
+from training.checkpoint import load_checkpoint, restore, save_checkpoint
+from training.config import TrainConfig, dump_config
+from training.data import ImageDataset, PKSampler, make_splits, should_cache
+from training.losses import build_loss
+from training.metrics import retrieval_metrics
+from training.miners import build_miner
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamw")
+
+
+# ----------------------------------------------------------------------------- building blocks
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def use_bf16(amp: str, device: torch.device) -> bool:
+    if amp == "none":
+        return False
+    supported = bf16_supported() if device.type == "cpu" else torch.cuda.is_bf16_supported()
+    if amp == "bf16" and not supported:
+        log.warning("amp=bf16 requested but %s has no native bf16; it will be emulated (slow)", device)
+        return True
+    return supported
+
+
+def build_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float, weight_decay: float,
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    """torch.optim optimizer by name (the seed lecture's set)."""
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "sgd_nesterov":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "adadelta":
+        return torch.optim.Adadelta(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: {list(OPTIMIZERS)}")
+
+
+def lr_lambda_factory(*, schedule: str, total_steps: int, warmup_steps: int, steps_per_epoch: int,
+                      step_size: int, gamma: float):
+    """Per-step LR multiplier: linear warmup from 1% then constant / cosine / step decay."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return 0.01 + 0.99 * step / warmup_steps
+        if schedule == "cosine":
+            t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if schedule == "step":
+            return gamma ** (step // (step_size * steps_per_epoch))
+        return 1.0
+
+    return f
+
+
+class AuxClassifier(nn.Module):
+    """Auxiliary classification head on the (unit) embedding, for multi-task training.
+
+    ``softmax``: normalised softmax — cosine logits against unit class weights divided by a
+    temperature, cross-entropy. ``hinge``: linear logits with the multi-class hinge loss
+    (``nn.MultiMarginLoss``, the seed's SVM loss).
+    """
+
+    def __init__(self, dim: int, num_classes: int, kind: str, temperature: float = 0.05) -> None:
+        super().__init__()
+        if kind not in ("softmax", "hinge"):
+            raise ValueError(f"unknown aux head {kind!r}; allowed: ['softmax', 'hinge', 'none']")
+        self.kind, self.temperature = kind, temperature
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * 0.01)
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if kind == "hinge" else None
+        self.hinge = nn.MultiMarginLoss()
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """emb (N, D) float32 unit norm, labels (N,) int64 -> scalar loss."""
+        if self.kind == "softmax":
+            logits = F.linear(F.normalize(emb, dim=1), F.normalize(self.weight, dim=1)) / self.temperature
+            return F.cross_entropy(logits, labels)
+        return self.hinge(F.linear(emb, self.weight, self.bias), labels)
+
+
+@dataclass
+class CollapseMonitor:
+    """Tracks collapse signals per step and warns once per epoch when they trip."""
+
+    threshold: float
+    cos: list[float] = field(default_factory=list)
+    active: list[float] = field(default_factory=list)
+    norm: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def mean_pairwise_cosine(emb: torch.Tensor) -> float:
+        """Mean off-diagonal cosine of (N, D) unit embeddings, in O(N·D)."""
+        n = emb.shape[0]
+        s = emb.sum(0)
+        return float(((s @ s) - n) / max(1, n * (n - 1)))
+
+    def update(self, emb: torch.Tensor, raw: torch.Tensor, active_fraction: float) -> None:
+        self.cos.append(self.mean_pairwise_cosine(emb.detach().float()))
+        self.norm.append(float(raw.detach().float().norm(dim=1).mean()))
+        self.active.append(float(active_fraction))
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "mean_pairwise_cosine": float(np.mean(self.cos)) if self.cos else float("nan"),
+            "active_fraction": float(np.mean(self.active)) if self.active else float("nan"),
+            "embedding_norm": float(np.mean(self.norm)) if self.norm else float("nan"),
+        }
+
+    def collapsed(self) -> bool:
+        tail = self.cos[-max(1, len(self.cos) // 4):]
+        return bool(tail) and float(np.mean(tail)) > self.threshold
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- epochs
+def train_one_epoch(model: EmbeddingNet, loader: DataLoader, *, loss_fn: nn.Module, miner, aux: AuxClassifier | None,
+                    aux_weight: float, optimizer: torch.optim.Optimizer, scheduler, device: torch.device, bf16: bool,
+                    channels_last: bool, grad_clip: float | None, monitor: CollapseMonitor, epoch: int,
+                    progress: bool = True) -> dict[str, float]:
+    """One pass over ``loader``; returns mean losses, throughput and the collapse signals."""
+    from tqdm import tqdm
+
+    model.train()
+    if aux is not None:
+        aux.train()
+    totals = {"loss": 0.0, "metric_loss": 0.0, "aux_loss": 0.0}
+    n_steps, n_images, t0 = 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress, mininterval=1)
+    for images, labels in bar:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            raw = model.forward_raw(images)
+        raw = raw.float()
+        emb = F.normalize(raw, dim=1)
+        tuples = miner(emb, labels) if miner is not None else None
+        metric_loss = loss_fn(emb, labels, tuples)
+        loss = metric_loss
+        aux_loss = torch.zeros((), device=device)
+        if aux is not None:
+            aux_loss = aux(emb, labels)
+            loss = loss + aux_weight * aux_loss
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss became {loss.item()} at epoch {epoch + 1}, step {n_steps}: lower optim.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        monitor.update(emb, raw, loss_fn.stats.get("active_fraction", float("nan")))
+        totals["loss"] += float(loss.detach())
+        totals["metric_loss"] += float(metric_loss.detach())
+        totals["aux_loss"] += float(aux_loss.detach())
+        n_steps += 1
+        n_images += images.shape[0]
+        if progress:
+            bar.set_postfix(loss=f"{totals['loss'] / n_steps:.4f}", cos=f"{monitor.cos[-1]:.2f}")
+    elapsed = time.perf_counter() - t0
+    out = {k: v / max(1, n_steps) for k, v in totals.items()}
+    out.update(monitor.summary())
+    out["images_per_s"] = n_images / elapsed if elapsed > 0 else float("nan")
+    out["epoch_seconds"] = elapsed
+    out["lr"] = optimizer.param_groups[0]["lr"]
+    return out
+
+
+@torch.inference_mode()
+def embed_dataset(model: EmbeddingNet, dataset: ImageDataset, *, device: torch.device, bf16: bool,
+                  batch_size: int = 128, workers: int = 0, channels_last: bool = True) -> np.ndarray:
+    """Embed every image of ``dataset`` (eval transform) -> (N, D) float32 unit norm."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    out = []
+    for images, _ in loader:
+        images = images.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            raw = model.forward_raw(images)
+        out.append(F.normalize(raw.float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.card.embedding_dim), np.float32)
+
+
+def evaluate(model: EmbeddingNet, dataset: ImageDataset, *, device: torch.device, bf16: bool,
+             workers: int = 0, channels_last: bool = True) -> dict[str, float]:
+    """Retrieval metrics of ``dataset`` against itself (leave-one-out): R@1/2/4/8, P@1, R-precision, MAP@R."""
+    emb = embed_dataset(model, dataset, device=device, bf16=bf16, workers=workers, channels_last=channels_last)
+    return retrieval_metrics(emb, np.asarray(dataset.split.labels))
+
+
+# ----------------------------------------------------------------------------- the run
+def card_from_config(cfg: TrainConfig) -> ModelCard:
+    m = cfg.model
+    return ModelCard(
+        backbone=m.backbone, embedding_dim=m.embedding_dim, image_size=m.image_size, resize_size=m.effective_resize,
+        head=m.head, head_hidden=m.head_hidden, activation=m.activation, neck_bn=m.neck_bn,
+        config_digest=cfg.digest(),
+    )
+
+
+def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Loss-specific keyword arguments from the config."""
+    if cfg.loss.name == "contrastive":
+        return {"pos_margin": cfg.loss.pos_margin, "squared": cfg.loss.squared, "balance": cfg.loss.balance}
+    return {"soft": cfg.loss.soft}
+
+
+def _param_groups(model: EmbeddingNet, aux: nn.Module | None, cfg: TrainConfig) -> list[dict[str, Any]]:
+    head_params = list(model.neck.parameters()) + list(model.head.parameters()) + (list(aux.parameters()) if aux else [])
+    head_ids = {id(p) for p in head_params}
+    groups: list[dict[str, Any]] = []
+    for params, mult in ((list(model.backbone.parameters()), 1.0), (head_params, cfg.optim.head_lr_mult)):
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        lr = cfg.optim.lr * mult
+        groups.append({"params": decay, "lr": lr, "weight_decay": cfg.optim.weight_decay})
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    assert len({id(p) for g in groups for p in g["params"]}) == sum(1 for _ in model.parameters()) + (
+        sum(1 for _ in aux.parameters()) if aux else 0
+    ), "every parameter in exactly one group"
+    del head_ids
+    return [g for g in groups if g["params"]]
+
+
+def _log_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run in ``cfg.out``; returns the final evaluation and paths.
+
+    ``stop_after`` ends this call after that many epochs (checkpoint written; ``resume=True``
+    continues exactly where it stopped), for time-boxed sessions.
+
+    The model evaluated and saved is the one after the last epoch: nothing is selected on the
+    test classes. ``data.val_fraction`` > 0 adds a validation split from the train classes,
+    evaluated alongside, for choosing hyperparameters.
+    """
+    run = Path(cfg.out)
+    ckpt_dir = run / "checkpoint"
+    if resume:
+        tensors, meta = load_checkpoint(ckpt_dir)
+        saved = TrainConfig.model_validate(meta["config"])
+        if saved.digest() != cfg.digest():
+            log.warning("resuming with the checkpoint's config (it differs from the one given)")
+        cfg = saved
+    elif (run / "metrics.jsonl").exists():
+        raise FileExistsError(f"{run}: run directory already has a run; use --resume or another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run / "config.yaml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    bf16 = use_bf16(cfg.amp, device)
+
+    splits = make_splits(cfg.data.root, train_classes=cfg.data.train_classes, test_classes=cfg.data.test_classes,
+                         test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction,
+                         seed=cfg.data.split_seed)
+    card = card_from_config(cfg)
+    n_all = sum(len(s) for s in splits.values())
+    cache = should_cache(n_all, card, cfg.data.cache_images, cfg.data.cache_budget_mb)
+    log.info("classes: train %d (%d images), %stest %d (%d images); cache in RAM: %s; device %s, bf16 %s",
+             len(splits["train"].classes), len(splits["train"]),
+             f"val {len(splits['val'].classes)} ({len(splits['val'])} images), " if "val" in splits else "",
+             len(splits["test"].classes), len(splits["test"]), cache, device, bf16)
+    aug = {"scale_min": cfg.data.scale_min, "color_jitter": cfg.data.color_jitter}
+    train_ds = ImageDataset(splits["train"], card, train=True, cache=cache, **aug)
+    eval_sets = {name: ImageDataset(splits[name], card, train=False, cache=cache) for name in ("val", "test") if name in splits}
+    workers = 0 if cache else cfg.data.workers
+    sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
+                        batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
+    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+
+    backbone_weights = cfg.model.weights
+    model = EmbeddingNet(card, backbone_weights=backbone_weights).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    aux = None
+    if cfg.loss.aux != "none":
+        aux = AuxClassifier(card.embedding_dim, len(splits["train"].classes), cfg.loss.aux, cfg.loss.aux_temperature).to(device)
+    loss_fn = build_loss(cfg.loss.name, margin=cfg.loss.margin, distance=cfg.loss.distance, reduction=cfg.loss.reduction,
+                         **loss_kwargs(cfg))
+    miner_margin = cfg.loss.miner_margin if cfg.loss.miner_margin is not None else cfg.loss.margin
+    miner_kwargs: dict[str, Any] = {"distance": cfg.loss.distance}
+    if cfg.loss.miner in ("semi_hard", "batch_all"):
+        miner_kwargs["margin"] = miner_margin
+    miner = build_miner(None if cfg.loss.miner == "none" else cfg.loss.miner, **miner_kwargs)
+
+    optimizer = build_optimizer(cfg.optim.name, _param_groups(model, aux, cfg), lr=cfg.optim.lr,
+                                weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+    steps_per_epoch = len(sampler)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(
+        schedule=cfg.optim.schedule, total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
+        step_size=cfg.optim.step_size, gamma=cfg.optim.gamma))
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume:
+        start_epoch = restore(tensors, meta, model=model, aux=aux, optimizer=optimizer, scheduler=scheduler)
+        history = meta.get("history", [])
+        log.info("resumed %s at epoch %d/%d", run, start_epoch + 1, cfg.epochs)
+        # the metrics file mirrors the checkpoint: drop epochs that ran after it
+        (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    if start_epoch == 0 and not resume:
+        untrained = {name: evaluate(model, ds, device=device, bf16=bf16, channels_last=cfg.channels_last)
+                     for name, ds in eval_sets.items()}
+        rec = {"epoch": 0, **{f"{n}/{k}": v for n, m in untrained.items() for k, v in m.items()}}
+        history.append(rec)
+        _log_jsonl(run / "metrics.jsonl", rec)
+        log.info("untrained: %s", _fmt(rec))
+
+    t_run = time.perf_counter()
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation stream reproducible across resume
+        sampler.set_epoch(epoch)
+        monitor = CollapseMonitor(cfg.collapse_cosine)
+        active_miner = miner if epoch >= cfg.loss.miner_warmup_epochs else None
+        stats = train_one_epoch(model, loader, loss_fn=loss_fn, miner=active_miner, aux=aux,
+                                aux_weight=cfg.loss.aux_weight, optimizer=optimizer, scheduler=scheduler,
+                                device=device, bf16=bf16, channels_last=cfg.channels_last,
+                                grad_clip=cfg.optim.grad_clip, monitor=monitor, epoch=epoch, progress=progress)
+        rec = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in stats.items()}}
+        if monitor.collapsed():
+            rec["train/collapse_warning"] = True
+            log.warning(
+                "epoch %d: embeddings are collapsing (mean pairwise cosine %.3f > %.2f, active tuples %.2f): every "
+                "image maps to nearly the same point. Batch-hard mining from scratch does this; use loss.miner=none "
+                "or semi_hard, loss.miner_warmup_epochs, loss.aux=softmax, or a lower optim.lr.",
+                epoch + 1, stats["mean_pairwise_cosine"], cfg.collapse_cosine, stats["active_fraction"])
+        last = epoch + 1 == cfg.epochs
+        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            for name, ds in eval_sets.items():
+                m = evaluate(model, ds, device=device, bf16=bf16, channels_last=cfg.channels_last)
+                rec.update({f"{name}/{k}": v for k, v in m.items()})
+        history.append(rec)
+        _log_jsonl(run / "metrics.jsonl", rec)
+        save_checkpoint(ckpt_dir, model=model, aux=aux, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                        config=cfg.model_dump(mode="json"), history=history)
+        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt(rec))
+
+    model = model.to(memory_format=torch.contiguous_format).cpu()
+    saved_card = save_model(model, run / "model")
+    final = history[-1]
+    result = {
+        "run": str(run),
+        "model": str(run / "model"),
+        "fingerprint": saved_card.fingerprint,
+        "train_seconds": time.perf_counter() - t_run,
+        "untrained": {k: v for k, v in history[0].items() if k != "epoch"} if history and history[0]["epoch"] == 0 else {},
+        "final": {k: v for k, v in final.items() if k.startswith(("test/", "val/"))},
+    }
+    (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _fmt(rec: dict[str, Any]) -> str:
+    keys = ["train/loss", "train/mean_pairwise_cosine", "train/active_fraction", "train/images_per_s",
+            "val/recall@1", "test/recall@1", "test/map@r"]
+    return " ".join(f"{k}={rec[k]:.4g}" for k in keys if k in rec)
