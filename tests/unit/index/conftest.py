@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models import ModelCard
-from tests.unit.index.helpers import make_card
+from tests.unit.index.helpers import make_card, save_tiny_model
 
 
 @pytest.fixture
@@ -24,12 +24,4 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A seeded, untrained resnet18 at 64 px with 32-d embeddings (saved with its card)."""
-    import torch
-
-    from models import save_model
-    from models.net import EmbeddingNet
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("model") / "m"
-    save_model(EmbeddingNet(ModelCard(backbone="resnet18", embedding_dim=32, image_size=64, resize_size=72)), d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "m")
