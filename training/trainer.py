@@ -319,6 +319,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     splits = make_splits(cfg.data.root, train_classes=cfg.data.train_classes, test_classes=cfg.data.test_classes,
                          test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction,
                          seed=cfg.data.split_seed)
+    (run / "splits").mkdir(exist_ok=True)
+    for name, split in splits.items():  # the class split, for indexing/evaluating exactly the held-out classes
+        (run / "splits" / f"{name}_classes.txt").write_text("\n".join(split.classes) + "\n")
     card = card_from_config(cfg)
     n_all = sum(len(s) for s in splits.values())
     cache = should_cache(n_all, card, cfg.data.cache_images, cfg.data.cache_budget_mb)

@@ -1,0 +1,79 @@
+"""`lookalike eval`, `lr-find` and `export` through the CLI on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lookalike.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from helpers import make_image_folder  # noqa: E402
+
+TINY = ["--data.train_classes", "null", "--data.test_classes", "null", "--data.test_fraction", "0.34",
+        "--data.p", "3", "--data.k", "3", "--model.image_size", "32", "--model.embedding_dim", "16",
+        "--amp", "none", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    data = make_image_folder(base / "data", n_classes=9, per_class=6, size=36, kind="pattern")
+    rc = main(["train", "--data.root", str(data), *TINY, "--epochs", "2", "--data.batches_per_epoch", "2",
+               "--eval_every", "1", "--out", str(base / "run"), "--no-progress"])
+    assert rc == 0
+    return base, data
+
+
+def test_eval_writes_report(tiny_run, capsys):
+    base, _ = tiny_run
+    capsys.readouterr()
+    assert main(["eval", "--model", str(base / "run"), "--fp32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m = out["metrics"]
+    assert {"recall@1", "recall@8", "precision@1", "r_precision", "map@r"} <= set(m)
+    assert m["num_queries"] == 18  # 3 held-out classes x 6 images
+    # the run's own final evaluation (fp32 here vs the run's setting amp=none) gives the same numbers
+    final = json.loads((base / "run/eval.json").read_text())["final"]
+    assert m["recall@1"] == pytest.approx(final["test/recall@1"], abs=1e-9)
+    for f in ("report.png", "report.html", "metrics.json"):
+        assert (base / "run/report" / f).stat().st_size > 0
+    assert (base / "run/report/report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_on_a_new_folder(tiny_run, capsys, tmp_path):
+    base, _ = tiny_run
+    other = make_image_folder(tmp_path / "other", n_classes=3, per_class=4, size=36, seed=5)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(base / "run/model"), "--data", str(other), "--out", str(tmp_path / "rep")]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["num_queries"] == 12
+    assert (tmp_path / "rep/report.png").is_file()
+
+
+def test_lr_find_plots_and_suggests(tiny_run, capsys, tmp_path):
+    _, data = tiny_run
+    capsys.readouterr()
+    png = tmp_path / "lr.png"
+    assert main(["lr-find", "--data.root", str(data), *TINY, "--steps", "25", "--min-lr", "1e-5", "--max-lr", "1",
+                 "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 1e-5 <= out["suggested_lr"] <= 1 and png.stat().st_size > 0
+
+
+def test_export_onnx_verified(tiny_run, capsys):
+    base, _ = tiny_run
+    capsys.readouterr()
+    assert main(["export", str(base / "run"), "--onnx"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_abs_diff_vs_torch"] <= 1e-4 and Path(out["onnx"]).is_file()
+
+
+def test_eval_refuses_pickle(tmp_path, capsys):
+    import torch
+
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    assert main(["eval", "--model", str(tmp_path / "model.pt")]) == 2
+    assert "pickle" in capsys.readouterr().err
