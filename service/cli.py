@@ -66,8 +66,11 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     server = uvicorn.Server(config)
-    server.run()
-    # uvicorn returns normally when the lifespan failed to start; say so with a non-zero status.
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits with status 3 when the lifespan fails
+        if getattr(server, "started", False):
+            raise
     if not getattr(server, "started", False):
         reason = app.state.lookalike.error or "see the log above"
         raise RuntimeError(f"the service did not start: {reason}")

@@ -1,0 +1,252 @@
+"""The micro-batching pipeline on the real torch backend and a real index."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import MicroBatcher, NotRunning, Overloaded
+from tests.unit.service import imagegen
+
+
+class Recording:
+    """Wraps a backend; records the thread of each call, batch sizes and torch's thread count."""
+
+    name = "recording"
+
+    def __init__(self, inner, gate: threading.Event | None = None, fail_on: int | None = None) -> None:
+        self.inner, self.gate, self.fail_on = inner, gate, fail_on
+        self.card, self.preprocess = inner.card, inner.preprocess
+        self.threads: list[str] = []
+        self.sizes: list[int] = []
+        self.torch_threads: list[int] = []
+
+    def embed_array(self, batch):
+        import torch
+
+        self.threads.append(threading.current_thread().name)
+        self.sizes.append(len(batch))
+        self.torch_threads.append(torch.get_num_threads())
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if self.fail_on is not None and len(self.sizes) == self.fail_on:
+            raise RuntimeError("boom")
+        return self.inner.embed_array(batch)
+
+
+class RecordingStore:
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.threads: list[str] = []
+
+    def search(self, queries, k):
+        self.threads.append(threading.current_thread().name)
+        return self.inner.search(queries, k)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def store(template_index, model_dir):
+    from index import IndexStore
+    from models import load_card
+
+    s = IndexStore.open(template_index, card=load_card(model_dir))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def inputs(model_dir):
+    from models import decode_image
+    from models.backends import TorchBackend
+
+    backend = TorchBackend(model_dir, bf16=False)
+    arrays = [backend.preprocess(decode_image(imagegen.jpeg(500 + i))) for i in range(8)]
+    singles = np.concatenate([backend.embed_array(a[None]) for a in arrays])
+    return arrays, singles
+
+
+def start(model_dir, store, *, gate=None, fail_on=None, **kw):
+    from models.backends import TorchBackend
+
+    holder = {}
+
+    def factory():
+        import torch
+
+        torch.set_num_threads(1)
+        holder["built_in"] = threading.current_thread().name
+        holder["b"] = Recording(TorchBackend(model_dir, bf16=False), gate, fail_on)
+        return holder["b"]
+
+    rstore = RecordingStore(store)
+    mb = MicroBatcher(factory, **kw)
+    mb.start().result(60)
+    mb.attach_index(rstore)
+    return mb, holder, rstore
+
+
+async def _search_all(mb, arrays, ks):
+    tickets = [mb.admit() for _ in arrays]
+    try:
+        return await asyncio.gather(*(mb.search(t, a, k) for t, a, k in zip(tickets, arrays, ks)))
+    finally:
+        for t in tickets:
+            t.release()
+
+
+def test_threads_are_dedicated(model_dir, store, inputs):
+    arrays, _ = inputs
+    mb, holder, rstore = start(model_dir, store)
+    try:
+        asyncio.run(_search_all(mb, arrays[:2], [3, 3]))
+    finally:
+        mb.stop()
+    b = holder["b"]
+    assert holder["built_in"] == "lookalike-infer"
+    assert set(b.threads) == {"lookalike-infer"}
+    assert set(rstore.threads) == {"lookalike-search"}
+    assert set(b.torch_threads) == {1}
+    assert threading.current_thread().name not in b.threads
+
+
+def test_concurrent_queries_share_one_forward_pass_and_keep_their_results(model_dir, store, inputs):
+    arrays, singles = inputs
+    mb, holder, rstore = start(model_dir, store, max_batch=16, wait_ms=500)
+    try:
+        ks = [1, 2, 3, 4, 5, 6, 7, 8]
+        out = asyncio.run(_search_all(mb, arrays, ks))
+    finally:
+        mb.stop()
+    assert holder["b"].sizes[1:] == [8]  # after the warm-up call: one batch of all eight
+    assert len(rstore.threads) == 1  # ... and one batched search
+    for (vec, hits), single, k in zip(out, singles, ks):
+        np.testing.assert_allclose(vec, single, atol=2e-5)
+        expected = store.search(single[None], k)[0]
+        assert [h.id for h in hits] == [h.id for h in expected] and len(hits) == k
+
+
+def test_max_batch_one_disables_batching(model_dir, store, inputs):
+    arrays, singles = inputs
+    mb, holder, _ = start(model_dir, store, max_batch=1, wait_ms=500)
+    try:
+        out = asyncio.run(_search_all(mb, arrays, [2] * 8))
+    finally:
+        mb.stop()
+    assert holder["b"].sizes[1:] == [1] * 8
+    for (vec, _), single in zip(out, singles):
+        np.testing.assert_allclose(vec, single, atol=2e-5)
+
+
+def test_batches_capped_at_max_batch(model_dir, store, inputs):
+    arrays, _ = inputs
+    mb, holder, _ = start(model_dir, store, max_batch=3, wait_ms=500)
+    try:
+        asyncio.run(_search_all(mb, arrays, [1] * 8))
+    finally:
+        mb.stop()
+    assert max(holder["b"].sizes[1:]) <= 3 and sum(holder["b"].sizes[1:]) == 8
+
+
+def test_a_lone_query_does_not_wait_for_a_batch(model_dir, store, inputs):
+    arrays, _ = inputs
+    mb, _, _ = start(model_dir, store, wait_ms=1000)
+    try:
+        t0 = time.perf_counter()
+        asyncio.run(_search_all(mb, arrays[:1], [3]))
+        assert time.perf_counter() - t0 < 0.8
+    finally:
+        mb.stop()
+
+
+def test_admission_is_bounded(model_dir, store):
+    mb, _, _ = start(model_dir, store, max_pending=2)
+    try:
+        a, b = mb.admit(), mb.admit()
+        assert mb.pending == 2
+        with pytest.raises(Overloaded):
+            mb.admit()
+        a.release()
+        a.release()  # idempotent
+        c = mb.admit()
+        assert mb.pending == 2
+        b.release()
+        c.release()
+        assert mb.pending == 0
+    finally:
+        mb.stop()
+    with pytest.raises(NotRunning):
+        mb.admit()
+
+
+def test_embed_only_jobs_skip_the_search(model_dir, store, inputs):
+    arrays, singles = inputs
+
+    async def go(mb):
+        with mb.admit() as t:
+            return await mb.embed(t, arrays[0])
+
+    mb, _, rstore = start(model_dir, store)
+    try:
+        vec = asyncio.run(go(mb))
+    finally:
+        mb.stop()
+    np.testing.assert_allclose(vec, singles[0], atol=2e-5)
+    assert rstore.threads == []
+
+
+def test_a_failing_batch_fails_its_queries_only(model_dir, store, inputs):
+    arrays, _ = inputs
+    mb, holder, _ = start(model_dir, store, fail_on=2)  # warm-up is call 1
+    try:
+        with pytest.raises(RuntimeError, match="inference failed"):
+            asyncio.run(_search_all(mb, arrays[:1], [1]))
+        (vec, hits), = asyncio.run(_search_all(mb, arrays[:1], [1]))
+        assert len(hits) == 1
+    finally:
+        mb.stop()
+
+
+def test_backend_error_is_reported_by_start(store):
+    def factory():
+        raise FileNotFoundError("no such model")
+
+    mb = MicroBatcher(factory)
+    with pytest.raises(FileNotFoundError, match="no such model"):
+        mb.start().result(10)
+    mb.stop()
+
+
+def test_stop_finishes_queued_queries_instead_of_dropping_them(model_dir, store, inputs):
+    arrays, _ = inputs
+    gate = threading.Event()
+    gate.set()
+    mb, holder, _ = start(model_dir, store, gate=gate, max_batch=1)
+
+    async def go():
+        gate.clear()
+        tickets = [mb.admit() for _ in range(3)]
+        tasks = [asyncio.create_task(mb.search(t, arrays[0], 1)) for t in tickets]
+        while len(holder["b"].sizes) < 2:
+            await asyncio.sleep(0.01)
+        stopper = asyncio.get_running_loop().run_in_executor(None, mb.stop, 0.5)
+        await asyncio.sleep(0.2)
+        gate.set()
+        await stopper
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(asyncio.wait_for(go(), 30))
+    assert all(isinstance(r, tuple) for r in results), results  # in flight and queued all answered
+    with pytest.raises(NotRunning):
+        mb.admit()
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(lambda: None, max_batch=0)
