@@ -284,3 +284,18 @@ def test_property_semi_hard_and_batch_all_match_oracle(labels, seed, margin):
     bh = BatchHardMiner()(x, y)
     for a, p, n in zip(*(t.tolist() for t in bh)):
         assert labels[a] == labels[p] and a != p and labels[a] != labels[n]
+
+
+def test_boundaries_with_exactly_equal_distances():
+    """Orthonormal embeddings: every distance is exactly sqrt(2), so d(a, p) == d(a, n) everywhere.
+
+    Semi-hard wants d(a, p) < d(a, n) strictly and hard wants d(a, n) < d(a, p) strictly: neither
+    keeps a tie. Batch-all with a margin keeps it (its loss, margin + 0, is positive); with
+    margin 0 it does not.
+    """
+    x = torch.eye(4)
+    labels = torch.tensor([0, 0, 1, 1])
+    assert SemiHardMiner(0.5)(x, labels)[0].numel() == 0
+    assert HardMiner()(x, labels)[0].numel() == 0
+    assert len(BatchAllMiner(0.5)(x, labels)[0]) == 8
+    assert BatchAllMiner(0.0)(x, labels)[0].numel() == 0
