@@ -119,6 +119,18 @@ def test_exact_duplicates_drop_self_like_pml():
     assert_equals_pml(retrieval_metrics(x, y, block_size=16), pml_metrics(x, y))
 
 
+def test_query_outranked_by_its_duplicates_drops_the_last_neighbour_like_pml():
+    """More exact copies of a vector than k + 1: some queries are not among their own k + 1
+    neighbours at all, and then (as in PML) the last neighbour is dropped instead of the query."""
+    rng = np.random.default_rng(9)
+    other = rng.normal(size=(30, 6)).astype(np.float32)
+    other /= np.linalg.norm(other, axis=1, keepdims=True)
+    x = np.concatenate([np.tile(other[:1], (14, 1)), other[1:]])
+    y = np.concatenate([np.repeat([0, 1], 7), rng.integers(2, 6, 29)])
+    ours = retrieval_metrics(x, y, ks=(1, 2))
+    assert_equals_pml(ours, pml_metrics(x, y))
+
+
 # ---------------------------------------------------------------------------- brute force
 
 
