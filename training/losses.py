@@ -164,14 +164,13 @@ class Pool(NamedTuple):
     nonzero: Tensor  # number of tuples with loss > 0
 
     @staticmethod
-    def of(losses: Tensor, weight: Tensor | None = None, count: Tensor | None = None) -> Pool:
+    def of(losses: Tensor, weight: Tensor | None = None) -> Pool:
         """Pool of ``losses`` (any shape, >= 0); ``weight`` (same shape, 0/1 float) marks the
-        real tuples (None = all entries); ``count`` may be given when known."""
+        real tuples (None = every entry is one)."""
         if weight is not None:
             losses = losses * weight
-            if count is None:
-                count = weight.sum()
-        elif count is None:
+            count = weight.sum()
+        else:
             count = torch.tensor(losses.numel(), device=losses.device)
         return Pool(losses.sum(), count, torch.count_nonzero(losses))
 
@@ -288,7 +287,10 @@ class ContrastiveLoss(BaseMetricLoss):
         l_pos = self._shape(F.relu(d_pos - self.pos_margin))
         l_neg = self._shape(F.relu(self.margin - d_neg))
         pos, neg = Pool.of(l_pos), Pool.of(l_neg)
-        pools = [pos, neg] if self.balance else [Pool(pos.total + neg.total, pos.count + neg.count, pos.nonzero + neg.nonzero)]
+        if self.balance:
+            pools = [pos, neg]
+        else:
+            pools = [Pool(pos.total + neg.total, pos.count + neg.count, pos.nonzero + neg.nonzero)]
         return self._finish(
             embeddings,
             pools,
@@ -325,7 +327,10 @@ class ContrastiveLoss(BaseMetricLoss):
             neg_dist = (0.5 * (dist.sum() - d_same), num_neg)
         neg_nonzero = all_nonzero - pos_nonzero
         if self.balance:
-            pools = [Pool(0.5 * pos_total, num_pos, pos_nonzero), Pool(0.5 * (total - pos_total), num_neg, neg_nonzero)]
+            pools = [
+                Pool(0.5 * pos_total, num_pos, pos_nonzero),
+                Pool(0.5 * (total - pos_total), num_neg, neg_nonzero),
+            ]
         else:
             pools = [Pool(0.5 * total, num_pos + num_neg, all_nonzero)]
         return self._finish(

@@ -43,7 +43,10 @@ def check_batch(embeddings: Tensor, labels: Tensor, *, who: str) -> Tensor:
         ValueError: wrong rank, dtype or length, naming what was received.
     """
     if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or not embeddings.is_floating_point():
-        got = f"{tuple(embeddings.shape)} {embeddings.dtype}" if isinstance(embeddings, Tensor) else type(embeddings).__name__
+        if isinstance(embeddings, Tensor):
+            got = f"{tuple(embeddings.shape)} {embeddings.dtype}"
+        else:
+            got = type(embeddings).__name__
         raise ValueError(f"{who}: embeddings must be a floating (N, D) tensor; got {got}")
     if not isinstance(labels, Tensor) or labels.ndim != 1:
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
