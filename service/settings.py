@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     access_log: bool = False
     limit_concurrency: int = Field(512, ge=1, description="uvicorn: connections beyond this get 503")
     timeout_keep_alive: int = Field(5, ge=1)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
