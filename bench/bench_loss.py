@@ -16,8 +16,9 @@ equal (rtol 1e-4). Recipes:
 PML settings: default ``LpDistance(normalize_embeddings=True, p=2)``, ``AvgNonZeroReducer``,
 ``swap=False``, ``smooth_loss=False``; ours uses ``distance="euclidean"`` on normalised inputs.
 
-Time: median wall time of ``--repeats`` forward+backward calls after one warm-up, ours and PML
-interleaved so both see the same background load, on ``--threads`` CPU threads (default 1).
+Time: median wall time of forward+backward calls after one warm-up, ours and PML interleaved so
+both see the same background load (at least ``--repeats`` pairs; fast steps are repeated until
+about ``--min-time`` seconds have been spent), on ``--threads`` CPU threads (default 1).
 
 Peak memory: torch's CPU allocator keeps no high-water mark (and tracemalloc does not see it), so
 one extra call runs under ``torch.profiler`` with ``profile_memory=True``; the allocation and
@@ -25,7 +26,8 @@ free events it records (``[memory]`` events, signed byte counts) are replayed in
 the peak of the running sum is reported: the largest amount of tensor memory the step held at
 once on top of what existed before it (the input tensor is allocated beforehand and not counted).
 
-Usage: ``python bench/bench_loss.py [--sizes 128 256 512 1024] [--repeats 7] [--recipes ...]``.
+Usage: ``python bench/bench_loss.py [--sizes 128 256 512 1024] [--repeats 7] [--min-time 1]
+[--recipes batch_hard hard semi_hard contrastive] [--threads 1] [--no-memory]``.
 Prints a table and, last, one JSON object.
 """
 
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 import time
@@ -110,13 +114,17 @@ def run_once(step: Step, x: torch.Tensor, y: torch.Tensor) -> float:
     return time.perf_counter() - t0, loss.item()
 
 
-def time_pair(ours: Step, pml: Step, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, float]:
+def time_pair(
+    ours: Step, pml: Step, x: torch.Tensor, y: torch.Tensor, repeats: int, min_time: float
+) -> dict[str, float]:
     """Median seconds of forward + backward for both, interleaved (ours, PML, ours, ...) so that
-    both see the same background load; one warm-up each."""
-    _, v_ours = run_once(ours, x, y)
-    _, v_pml = run_once(pml, x, y)
+    both see the same background load. One warm-up each; at least ``repeats`` pairs, more for fast
+    steps so that the pairs take about ``min_time`` seconds (capped at 500)."""
+    t_o, v_ours = run_once(ours, x, y)
+    t_p, v_pml = run_once(pml, x, y)
+    pairs = min(500, max(repeats, math.ceil(min_time / max(t_o + t_p, 1e-6))))
     t_ours, t_pml = [], []
-    for _ in range(repeats):
+    for _ in range(pairs):
         t_ours.append(run_once(ours, x, y)[0])
         t_pml.append(run_once(pml, x, y)[0])
     return {
@@ -124,6 +132,7 @@ def time_pair(ours: Step, pml: Step, x: torch.Tensor, y: torch.Tensor, repeats: 
         "pml_s": statistics.median(t_pml),
         "loss_ours": v_ours,
         "loss_pml": v_pml,
+        "repeats": pairs,
     }
 
 
@@ -144,7 +153,8 @@ def peak_bytes(step: Step, x: torch.Tensor, y: torch.Tensor) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="minimum timed repeats per recipe and size")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed repeats to aim for (fast steps)")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--k", type=int, default=4, help="images per class (P = N / K)")
     parser.add_argument("--threads", type=int, default=1)
@@ -154,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     steps = recipes()
+    load_start = os.getloadavg()
     rows = []
     for n in args.sizes:
         x, y = make_batch(n, args.dim, args.k, seed=n)
         for name in args.recipes:
             ours, pml = steps[name]
-            t = time_pair(ours, pml, x, y, args.repeats)
+            t = time_pair(ours, pml, x, y, args.repeats, args.min_time)
             row = {
                 "recipe": name,
                 "batch": n,
@@ -169,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loss_ours": t["loss_ours"],
                 "loss_pml": t["loss_pml"],
                 "loss_equal": abs(t["loss_ours"] - t["loss_pml"]) <= 1e-4 * max(1.0, abs(t["loss_pml"])),
+                "repeats": t["repeats"],
             }
             if not args.no_memory:
                 row["ours_peak_mib"] = peak_bytes(ours, x, y) / 2**20
@@ -177,14 +189,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(_format_row(row), flush=True)
 
+    target = next((r for r in rows if r["recipe"] == "batch_hard" and r["batch"] == 1024), None)
+    target_met = None if target is None else bool(target["speedup"] >= 1.5 and target["loss_equal"])
+    if target is not None:
+        print(f"target (batch_hard, N=1024, >= 1.5x PML, equal loss): {'met' if target_met else 'NOT met'}"
+              f" ({target['speedup']:.2f}x)")
     print(json.dumps({
         "benchmark": "loss_and_mining_forward_backward",
         "device": "cpu",
         "threads": args.threads,
         "dim": args.dim,
         "k_per_class": args.k,
-        "repeats": args.repeats,
+        "min_repeats": args.repeats,
+        "min_time_s": args.min_time,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
         "torch": torch.__version__,
+        "target_batch_hard_1024_speedup_ge_1.5": target_met,
         "results": rows,
     }))
     bad = [r for r in rows if not r["loss_equal"]]
