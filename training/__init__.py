@@ -4,10 +4,10 @@ from training.config import TrainConfig, load_config
 from training.distances import pairwise_distances
 from training.losses import BaseMetricLoss, ContrastiveLoss, TripletLoss, build_loss
 from training.metrics import retrieval_metrics
-from training.miners import BatchAllMiner, BatchHardMiner, SemiHardMiner, all_pairs, build_miner, triplets_to_pairs
+from training.miners import BatchAllMiner, BatchHardMiner, HardMiner, SemiHardMiner, all_pairs, build_miner, triplets_to_pairs
 
 __all__ = [
     "TrainConfig", "load_config", "pairwise_distances", "BaseMetricLoss", "ContrastiveLoss", "TripletLoss",
-    "build_loss", "retrieval_metrics", "BatchAllMiner", "BatchHardMiner", "SemiHardMiner", "all_pairs",
+    "build_loss", "retrieval_metrics", "BatchAllMiner", "BatchHardMiner", "HardMiner", "SemiHardMiner", "all_pairs",
     "build_miner", "triplets_to_pairs",
 ]

@@ -85,7 +85,7 @@ class LossConfig(_Section):
     squared: bool = Field(True, description="contrastive: the seed's ½·max(0, ·)² terms (False: plain hinge, PML's form)")
     balance: bool = Field(True, description="contrastive: reduce positive and negative pairs separately and add them")
     soft: bool = Field(False, description="triplet: soft-margin softplus instead of the hinge")
-    miner: Literal["none", "batch_hard", "semi_hard", "batch_all"] = Field("none", description="hard-negative miner (none: all pairs/triplets in the batch)")
+    miner: Literal["none", "batch_hard", "semi_hard", "batch_all", "hard"] = Field("none", description="hard-negative miner (none: all pairs/triplets in the batch; hard: every triplet with d(a,n) < d(a,p))")
     miner_margin: float | None = Field(None, ge=0, description="margin of semi_hard/batch_all miners (default: loss margin)")
     miner_warmup_epochs: int = Field(0, ge=0, description="epochs with no miner (all tuples) before the miner starts")
     aux: Literal["none", "softmax", "hinge"] = Field("none", description="auxiliary classification head on the embedding")

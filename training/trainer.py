@@ -207,7 +207,7 @@ def train_one_epoch(model: EmbeddingNet, loader: DataLoader, *, loss_fn: nn.Modu
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        monitor.update(emb, raw, loss_fn.stats.get("active_fraction", float("nan")))
+        monitor.update(emb, raw, getattr(loss_fn, "stats", {}).get("active_fraction", float("nan")))
         totals["loss"] += float(loss.detach())
         totals["metric_loss"] += float(metric_loss.detach())
         totals["aux_loss"] += float(aux_loss.detach())
@@ -288,11 +288,16 @@ def _log_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, loss_fn: nn.Module | None = None, miner=None) -> dict[str, Any]:
     """Run (or resume) a training run in ``cfg.out``; returns the final evaluation and paths.
 
     ``stop_after`` ends this call after that many epochs (checkpoint written; ``resume=True``
     continues exactly where it stopped), for time-boxed sessions.
+
+    ``loss_fn`` / ``miner`` replace the ones the config names (``None``: built from the config);
+    any callables with the signatures ``loss_fn(emb, labels, indices_tuple)`` and
+    ``miner(emb, labels) -> indices_tuple`` work, e.g. pytorch-metric-learning's, which is how
+    ``bench/bench_recipe.py`` compares recipes in one loop.
 
     The model evaluated and saved is the one after the last epoch: nothing is selected on the
     test classes. ``data.val_fraction`` > 0 adds a validation split from the train classes,
@@ -344,13 +349,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     aux = None
     if cfg.loss.aux != "none":
         aux = AuxClassifier(card.embedding_dim, len(splits["train"].classes), cfg.loss.aux, cfg.loss.aux_temperature).to(device)
-    loss_fn = build_loss(cfg.loss.name, margin=cfg.loss.margin, distance=cfg.loss.distance, reduction=cfg.loss.reduction,
+    injected_miner = miner
+    loss_fn = loss_fn if loss_fn is not None else build_loss(cfg.loss.name, margin=cfg.loss.margin, distance=cfg.loss.distance, reduction=cfg.loss.reduction,
                          **loss_kwargs(cfg))
     miner_margin = cfg.loss.miner_margin if cfg.loss.miner_margin is not None else cfg.loss.margin
     miner_kwargs: dict[str, Any] = {"distance": cfg.loss.distance}
     if cfg.loss.miner in ("semi_hard", "batch_all"):
         miner_kwargs["margin"] = miner_margin
-    miner = build_miner(None if cfg.loss.miner == "none" else cfg.loss.miner, **miner_kwargs)
+    miner = injected_miner if injected_miner is not None else build_miner(
+        None if cfg.loss.miner == "none" else cfg.loss.miner, **miner_kwargs)
 
     optimizer = build_optimizer(cfg.optim.name, _param_groups(model, aux, cfg), lr=cfg.optim.lr,
                                 weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
