@@ -9,9 +9,12 @@ Why this shape (each a measured fact on these 2-core machines):
   forward pass and one batched index search. The thread never waits for a batch to fill when
   no other query is on its way (at one client that would only add latency); it waits up to
   ``wait_ms`` only while admitted queries are still being decoded.
-* The index search runs in a second thread (``lookalike-search``) so batch n+1's forward pass
-  overlaps batch n's search; ``faiss.omp_set_num_threads`` applies only to the thread that calls
-  it, so it is called there.
+* Uploads are decoded in a small pool whose worker queues the job for the inference thread
+  itself (the event loop is woken once per query, with the answer).
+* Under load the index search runs in a second thread (``lookalike-search``) so batch n+1's
+  forward pass overlaps batch n's search; when no query waits for the model, the inference
+  thread searches itself (one hand-off fewer). ``faiss.omp_set_num_threads`` applies only to
+  the thread that calls it, so both threads call it.
 * Admission is bounded (``max_pending``): beyond it :class:`Overloaded` is raised at once and the
   service answers 503 instead of letting latency grow without limit.
 
@@ -36,6 +39,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+def _set_faiss_threads(n: int) -> None:
+    """FAISS (its own OpenMP runtime, separate from torch's) threads for the calling thread."""
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:  # pragma: no cover - faiss is a core dependency
+        log.warning("faiss not importable; search thread count not set")
 
 
 class Overloaded(Exception):
@@ -195,20 +208,43 @@ class MicroBatcher:
         return Ticket(self)
 
     # ---- queries ----------------------------------------------------------------------------
-    async def _submit(self, ticket: Ticket, array: np.ndarray, k: int):
+    async def _submit(self, ticket: Ticket, item, k: int, executor):
         if not self._accepting:
             raise NotRunning("service is stopping")
         loop = asyncio.get_running_loop()
-        job = _Job(array=array, k=k, loop=loop, future=loop.create_future())
-        ticket._enqueued()  # before put: the inference thread must not wait for this very job
-        self._queue.put(job)
+        job = _Job(array=None, k=k, loop=loop, future=loop.create_future())
+        if not callable(item):
+            job.array = item
+            ticket._enqueued()  # before put: the inference thread must not wait for this very job
+            self._queue.put(job)
+            return await job.future
+
+        def prepare_and_queue() -> None:
+            # Runs in ``executor``; queues the job from here, so the event loop is not woken
+            # between decoding and inference (one thread hand-off fewer per query).
+            try:
+                job.array = item()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                ticket._enqueued()
+                loop.call_soon_threadsafe(_resolve, job.future, None, exc)
+                return
+            ticket._enqueued()
+            if not self._accepting:
+                loop.call_soon_threadsafe(_resolve, job.future, None, NotRunning("service is stopping"))
+                return
+            self._queue.put(job)
+
+        if executor is None:
+            raise ValueError("a prepare callable needs an executor to run in")
+        executor.submit(prepare_and_queue)
         return await job.future
 
-    async def search(self, ticket: Ticket, array: np.ndarray, k: int) -> tuple[np.ndarray, list]:
-        """Embed one preprocessed image and search it.
+    async def search(self, ticket: Ticket, item, k: int, *, executor=None) -> tuple[np.ndarray, list]:
+        """Embed one image and search it.
 
         Args:
-            array: (3, S, S) float32 from :class:`models.preprocess.Preprocess`.
+            item: (3, S, S) float32 from :class:`models.preprocess.Preprocess`, or a zero-argument
+                callable returning it (e.g. decode + preprocess), run in ``executor``.
             k: hits wanted (>= 1).
 
         Returns:
@@ -216,11 +252,11 @@ class MicroBatcher:
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        return await self._submit(ticket, array, k)
+        return await self._submit(ticket, item, k, executor)
 
-    async def embed(self, ticket: Ticket, array: np.ndarray) -> np.ndarray:
-        """Embed one preprocessed (3, S, S) float32 image -> (D,) float32 unit vector."""
-        vector, _ = await self._submit(ticket, array, 0)
+    async def embed(self, ticket: Ticket, item, *, executor=None) -> np.ndarray:
+        """Embed one image (array or callable, as in :meth:`search`) -> (D,) float32 unit vector."""
+        vector, _ = await self._submit(ticket, item, 0, executor)
         return vector
 
     async def run_in_search_thread(self, fn: Callable[[], Any]) -> Any:
@@ -234,6 +270,7 @@ class MicroBatcher:
 
     # ---- threads ----------------------------------------------------------------------------
     def _infer_main(self) -> None:
+        _set_faiss_threads(self.search_threads)  # searches run here when nothing else waits
         try:
             backend = self._factory()
             size = backend.card.image_size
@@ -304,16 +341,16 @@ class MicroBatcher:
             else:
                 j.loop.call_soon_threadsafe(_resolve, j.future, (vectors[i], None))
         if to_search:
-            jobs = [batch[i] for i in to_search]
-            self._search_queue.put((vectors[to_search], jobs))
+            item = (vectors[to_search], [batch[i] for i in to_search])
+            if self._queue.empty():
+                # Nobody waits for the model: searching here saves a thread hand-off; under load
+                # the search thread takes it so the next forward pass overlaps this search.
+                self._search_batch(*item)
+            else:
+                self._search_queue.put(item)
 
     def _search_main(self) -> None:
-        try:
-            import faiss
-
-            faiss.omp_set_num_threads(self.search_threads)
-        except ImportError:  # pragma: no cover - faiss is a core dependency
-            log.warning("faiss not importable; search thread count not set")
+        _set_faiss_threads(self.search_threads)
         while True:
             item = self._search_queue.get()
             if item is _STOP:
@@ -327,16 +364,18 @@ class MicroBatcher:
                 else:
                     loop.call_soon_threadsafe(_resolve, fut, value)
                 continue
-            vectors, jobs = item
-            t0 = time.perf_counter()
-            try:
-                hits = self.store.search(np.ascontiguousarray(vectors, dtype=np.float32), max(j.k for j in jobs))
-            except Exception as exc:  # noqa: BLE001
-                log.exception("index search failed for a batch of %d", len(jobs))
-                for j in jobs:
-                    j.loop.call_soon_threadsafe(_resolve, j.future, None, RuntimeError("search failed"))
-                continue
-            if self.metrics is not None:
-                self.metrics.search_seconds.observe(time.perf_counter() - t0)
-            for j, h in zip(jobs, hits):
-                j.loop.call_soon_threadsafe(_resolve, j.future, (j.vector, h[: j.k]))
+            self._search_batch(*item)
+
+    def _search_batch(self, vectors: np.ndarray, jobs: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        try:
+            hits = self.store.search(np.ascontiguousarray(vectors, dtype=np.float32), max(j.k for j in jobs))
+        except Exception:  # noqa: BLE001
+            log.exception("index search failed for a batch of %d", len(jobs))
+            for j in jobs:
+                j.loop.call_soon_threadsafe(_resolve, j.future, None, RuntimeError("search failed"))
+            return
+        if self.metrics is not None:
+            self.metrics.search_seconds.observe(time.perf_counter() - t0)
+        for j, h in zip(jobs, hits):
+            j.loop.call_soon_threadsafe(_resolve, j.future, (j.vector, h[: j.k]))

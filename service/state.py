@@ -180,14 +180,15 @@ class ServiceState:
         self.metrics.ready.set(0)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
+        if self.decode_pool is not None:  # decodes finish (and queue their jobs) before the batcher stops
+            await asyncio.to_thread(self.decode_pool.shutdown, True)
         if self.batcher is not None:
             await asyncio.to_thread(self.batcher.stop)
         if self.store is not None and self.write_pool is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self.write_pool, self._close_store)
-        for pool in (self.decode_pool, self.write_pool):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        if self.write_pool is not None:
+            self.write_pool.shutdown(wait=True)
 
     def _close_store(self) -> None:
         try:
@@ -217,15 +218,27 @@ class ServiceState:
         except NotRunning:
             raise unavailable("not ready", self.settings.retry_after_s) from None
 
-    async def decode(self, data: bytes) -> np.ndarray:
-        """Decode + preprocess in the decode pool -> (3, S, S) float32. Raises ImageDecodeError."""
-        t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self.decode_pool, decode_to_input, data, self.backend.preprocess,
-                                              self.limits, self.settings.jpeg_draft)
-        finally:
-            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+    def _prepare(self, data: bytes) -> Callable[[], np.ndarray]:
+        """Decode + preprocess ``data`` -> (3, S, S) float32; runs in the decode pool.
+        Raises ImageDecodeError (mapped to 400/413/415)."""
+
+        def prepare() -> np.ndarray:
+            t0 = time.perf_counter()
+            try:
+                return decode_to_input(data, self.backend.preprocess, self.limits, self.settings.jpeg_draft)
+            finally:
+                self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+
+        return prepare
+
+    async def search_upload(self, ticket: Ticket, data: bytes, k: int) -> list:
+        """Decode, embed and search an uploaded image -> at most ``k`` hits."""
+        _, hits = await self.batcher.search(ticket, self._prepare(data), k, executor=self.decode_pool)
+        return hits
+
+    async def embed_upload(self, ticket: Ticket, data: bytes) -> np.ndarray:
+        """Decode and embed an uploaded image -> (D,) float32 unit vector."""
+        return await self.batcher.embed(ticket, self._prepare(data), executor=self.decode_pool)
 
     async def search_thread(self, fn: Callable[[], Any]) -> Any:
         try:

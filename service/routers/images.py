@@ -83,8 +83,7 @@ async def add_image(request: Request, response: Response, state: WriterDep) -> A
     with state.admit() as ticket:
         upload = await read_upload(request, state.settings.max_upload_bytes)
         label = parse_label(upload.fields.get("label"))
-        array = await state.decode(upload.data)
-        vector = await state.batcher.embed(ticket, array)
+        vector = await state.embed_upload(ticket, upload.data)
         ext = image_ext(upload.data)
 
         def add(store):

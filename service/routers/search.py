@@ -29,6 +29,5 @@ async def search(request: Request, state: ReadyDep) -> SearchResponse:
     with state.admit() as ticket:
         upload = await read_upload(request, s.max_upload_bytes)
         k = parse_k(upload.fields.get("k"), s.default_k, s.max_k)
-        array = await state.decode(upload.data)
-        _, hits = await state.batcher.search(ticket, array, k)
+        hits = await state.search_upload(ticket, upload.data, k)
     return search_response(request, state, hits, k, t0)

@@ -111,7 +111,8 @@ def test_threads_are_dedicated(model_dir, store, inputs):
     b = holder["b"]
     assert holder["built_in"] == "lookalike-infer"
     assert set(b.threads) == {"lookalike-infer"}
-    assert set(rstore.threads) == {"lookalike-search"}
+    # idle: the inference thread searches itself (no hand-off); never the caller's thread
+    assert set(rstore.threads) == {"lookalike-infer"}
     assert set(b.torch_threads) == {1}
     assert threading.current_thread().name not in b.threads
 
@@ -134,12 +135,14 @@ def test_concurrent_queries_share_one_forward_pass_and_keep_their_results(model_
 
 def test_max_batch_one_disables_batching(model_dir, store, inputs):
     arrays, singles = inputs
-    mb, holder, _ = start(model_dir, store, max_batch=1, wait_ms=500)
+    mb, holder, rstore = start(model_dir, store, max_batch=1, wait_ms=500)
     try:
         out = asyncio.run(_search_all(mb, arrays, [2] * 8))
     finally:
         mb.stop()
     assert holder["b"].sizes[1:] == [1] * 8
+    # while queries wait for the model, searches go to the search thread (overlapping forwards)
+    assert "lookalike-search" in rstore.threads
     for (vec, _), single in zip(out, singles):
         np.testing.assert_allclose(vec, single, atol=2e-5)
 
@@ -250,3 +253,35 @@ def test_stop_finishes_queued_queries_instead_of_dropping_them(model_dir, store,
 def test_bad_parameters():
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(lambda: None, max_batch=0)
+
+
+def test_prepare_runs_in_the_executor_and_its_errors_reach_the_caller(model_dir, store, inputs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    arrays, singles = inputs
+    seen = []
+
+    def prepare():
+        seen.append(threading.current_thread().name)
+        return arrays[0]
+
+    def bad():
+        raise ValueError("cannot decode")
+
+    async def go(mb, pool):
+        with mb.admit() as t:
+            vec, hits = await mb.search(t, prepare, 2, executor=pool)
+        with mb.admit() as t:
+            with pytest.raises(ValueError, match="cannot decode"):
+                await mb.search(t, bad, 2, executor=pool)
+        assert mb.pending == 0
+        return vec, hits
+
+    mb, _, _ = start(model_dir, store)
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+        try:
+            vec, hits = asyncio.run(go(mb, pool))
+        finally:
+            mb.stop()
+    assert seen == ["decode_0"] and len(hits) == 2
+    np.testing.assert_allclose(vec, singles[0], atol=2e-5)

@@ -1,0 +1,469 @@
+"""Load test of the real service on 127.0.0.1, against baselines measured in the same run.
+
+What runs (each server is a separate uvicorn process, started and stopped in turn):
+
+* ``service``        — ``lookalike serve`` as shipped: decode pool, dedicated inference thread,
+                        micro-batching (``--max-batch``, ``--batch-wait-ms``), search thread;
+* ``service-nobatch`` — the same with ``max_batch=1`` (no micro-batching);
+* ``naive``          — :mod:`bench.naive_server`: decode + embed + search inline in an ``async def``
+                        handler, library-default threads; its ``/empty`` endpoint gives the floor
+                        cost of HTTP + multipart for an upload.
+
+Client: one ``httpx.AsyncClient`` with ``concurrency`` connections and a fixed number of
+requests (the same query bodies, built once), after a warm-up. Reported per server and
+concurrency (1 and 8 by default): p50/p95/p99 latency and QPS.
+
+Baselines in the same run, same images, same model and index:
+
+* in-process decode + preprocess + embed (batch 1) + search, one image at a time, with the
+  thread counts the service uses (1 torch / ONNX Runtime thread, 1 FAISS thread), by stage;
+* backends in-process: torch fp32, torch bf16 autocast (when the CPU has it), ONNX Runtime, at
+  batch 1 and 8, to pick the service default.
+
+Targets: HTTP + framework overhead of ``service`` at concurrency 1 (p50 minus in-process p50)
+<= 15% of the in-process time; ``service`` QPS at concurrency 8 >= 1.6x the naive server's.
+
+Model: an untrained seeded resnet18 (timing does not depend on training) at ``--image-size``
+over ``--index-size`` synthetic unit vectors (plus the query images). Queries: cub100 images.
+
+    python bench/bench_service.py                         # full: 100k vectors, 200 requests/level
+    python bench/bench_service.py --quick                 # ~1 min smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+# ---------------------------------------------------------------------------------- fixture
+def build_fixture(work: Path, args) -> tuple[Path, Path, list[Path]]:
+    """Model (+ONNX export) and index under ``work``, reused when the config matches."""
+    import hashlib
+
+    import torch
+
+    from index import IndexStore
+    from models import ModelCard, decode_image, load_card, save_model
+    from models.backends import TorchBackend
+    from models.export import export_onnx
+    from models.net import EmbeddingNet
+
+    cub = Path(args.cub100)
+    files = sorted((cub / "images").rglob("*.jpg"))
+    if not files:
+        raise FileNotFoundError(f"{cub}: no cub100 images (set --cub100 or LOOKALIKE_CUB100)")
+    rng = np.random.default_rng(0)
+    queries = [files[i] for i in sorted(rng.choice(len(files), size=min(args.images, len(files)), replace=False))]
+
+    key = json.dumps({"size": args.image_size, "dim": args.dim, "n": args.index_size, "factory": args.factory,
+                      "q": [str(q) for q in queries]}, sort_keys=True)
+    stamp = work / "fixture.json"
+    model_dir, index_dir = work / "model", work / "index"
+    if stamp.is_file() and stamp.read_text() == key:
+        return model_dir, index_dir, queries
+    shutil.rmtree(model_dir, ignore_errors=True)
+    shutil.rmtree(index_dir, ignore_errors=True)
+    torch.manual_seed(0)
+    resize = int(round(args.image_size / 0.875))
+    save_model(EmbeddingNet(ModelCard(backbone="resnet18", embedding_dim=args.dim, image_size=args.image_size,
+                                      resize_size=resize)), model_dir)
+    export_onnx(model_dir)
+    card = load_card(model_dir)
+    backend = TorchBackend(model_dir, bf16=False)
+    qvec = backend.embed_images([decode_image(p, draft_size=backend.preprocess.draft_size()) for p in queries])
+    store = IndexStore.create(index_dir, card=card, images_root=cub / "images", factory=args.factory)
+    root = cub / "images"
+    store.add(qvec, [{"path": p.relative_to(root).as_posix(), "label": p.parent.name,
+                      "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size,
+                      "mtime": p.stat().st_mtime, "source": "folder"} for p in queries])
+    n = args.index_size
+    block = 20_000
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        v = rng.standard_normal((m, args.dim)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        store.add(v, [{"path": f"synthetic/{start + i}.jpg", "label": None, "sha256": f"{start + i:064x}",
+                       "size": 0, "mtime": 0.0, "source": "folder"} for i in range(m)])
+    store.checkpoint()
+    store.close()
+    stamp.write_text(key)
+    return model_dir, index_dir, queries
+
+
+# ---------------------------------------------------------------------------------- in-process
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1000.0, q))
+
+
+def inprocess(model_dir: Path, index_dir: Path, queries: list[Path], backend_name: str, repeats: int) -> dict:
+    """decode + preprocess + embed + search per image, sequentially, the service's thread counts."""
+    import faiss
+    import torch
+
+    from index import IndexStore
+    from models import decode_image
+    from models.backends import load_backend
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    backend = load_backend(model_dir, backend_name, **({"threads": 1} if backend_name == "onnx" else {}))
+    store = IndexStore.open(index_dir, card=backend.card)
+    datas = [q.read_bytes() for q in queries]
+    draft = backend.preprocess.draft_size()
+    stages: dict[str, list[float]] = {"decode+preprocess": [], "embed": [], "search": [], "total": []}
+    for rep in range(repeats + 1):
+        for data in datas:
+            t0 = time.perf_counter()
+            x = backend.preprocess(decode_image(data, draft_size=draft))[None]
+            t1 = time.perf_counter()
+            v = backend.embed_array(x)
+            t2 = time.perf_counter()
+            store.search(v, 10)
+            t3 = time.perf_counter()
+            if rep > 0:  # first pass is warm-up
+                stages["decode+preprocess"].append(t1 - t0)
+                stages["embed"].append(t2 - t1)
+                stages["search"].append(t3 - t2)
+                stages["total"].append(t3 - t0)
+    store.close()
+    out = {k: {"p50_ms": pct(v, 50), "mean_ms": float(np.mean(v) * 1000)} for k, v in stages.items()}
+    total = out["total"]["mean_ms"]
+    for k in ("decode+preprocess", "embed", "search"):
+        out[k]["share"] = out[k]["mean_ms"] / total
+    out["backend"] = getattr(backend, "name", backend_name) + (" bf16" if getattr(backend, "bf16", False) else "")
+    return out
+
+
+def backend_compare(model_dir: Path, repeats: int) -> dict:
+    """ms per batch of 1 and 8 for each backend variant, 1 intra-op thread (the service's)."""
+    import torch
+
+    from models.backends import OnnxBackend, TorchBackend, bf16_supported
+
+    torch.set_num_threads(1)
+    size = TorchBackend(model_dir, bf16=False).card.image_size
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+    x8 = rng.standard_normal((8, 3, size, size)).astype(np.float32)
+    variants = {"torch fp32": lambda: TorchBackend(model_dir, bf16=False), "onnx": lambda: OnnxBackend(model_dir)}
+    if bf16_supported():
+        variants["torch bf16"] = lambda: TorchBackend(model_dir, bf16=True)
+    out = {}
+    for name, make in variants.items():
+        b = make()
+        row = {}
+        for label, x, n in (("b1", x1, repeats * 3), ("b8", x8, repeats)):
+            for _ in range(3):
+                b.embed_array(x)
+            ts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                b.embed_array(x)
+                ts.append(time.perf_counter() - t0)
+            row[f"{label}_ms"] = pct(ts, 50)
+        row["b8_per_image_ms"] = row["b8_ms"] / 8
+        out[name] = row
+    ref = TorchBackend(model_dir, bf16=False).embed_array(x8)
+    for name, make in variants.items():
+        out[name]["max_abs_diff_vs_fp32"] = float(np.abs(make().embed_array(x8) - ref).max())
+    return out
+
+
+# ---------------------------------------------------------------------------------- servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.name, self.cmd, self.env, self.port, self.log = name, cmd, env, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready: {self.log.read_text()[-3000:]}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def service_cmd(model_dir: Path, index_dir: Path, port: int, backend: str, max_batch: int, wait_ms: float,
+                threads: int) -> tuple[list[str], dict]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), LOOKALIKE_MODEL_DIR=str(model_dir),
+               LOOKALIKE_INDEX_DIR=str(index_dir), LOOKALIKE_WRITES_ENABLED="false", LOOKALIKE_PORT=str(port),
+               LOOKALIKE_BACKEND=backend, LOOKALIKE_MAX_BATCH=str(max_batch), LOOKALIKE_BATCH_WAIT_MS=str(wait_ms),
+               LOOKALIKE_INFERENCE_THREADS=str(threads), LOOKALIKE_LOG="WARNING")
+    env.pop("LOOKALIKE_API_KEY", None)
+    return [sys.executable, "-m", "lookalike", "serve"], env
+
+
+def naive_cmd(model_dir: Path, index_dir: Path, port: int, backend: str) -> tuple[list[str], dict]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("OMP_NUM_THREADS", None)  # naive: library defaults
+    return [sys.executable, str(REPO / "bench" / "naive_server.py"), "--model", str(model_dir), "--index",
+            str(index_dir), "--port", str(port), "--backend", backend], env
+
+
+def make_bodies(datas: list[bytes], k: int) -> list[tuple[bytes, dict]]:
+    import httpx
+
+    out = []
+    for d in datas:
+        req = httpx.Request("POST", "http://x/", files={"file": ("q.jpg", d, "image/jpeg")}, data={"k": str(k)})
+        out.append((req.read(), {"Content-Type": req.headers["Content-Type"]}))
+    return out
+
+
+async def _load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n: int, warmup: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        async def one(i: int, record: list | None, codes: dict) -> None:
+            body, headers = bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            resp = await client.post(url, content=body, headers=headers)
+            await resp.aread()
+            if record is not None:
+                record.append(time.perf_counter() - t0)
+            codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
+
+        async def run(count: int, record: list | None, codes: dict) -> float:
+            counter = iter(range(count))
+
+            async def worker() -> None:
+                for i in counter:
+                    await one(i, record, codes)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return time.perf_counter() - t0
+
+        await run(warmup, None, {})
+        lat: list[float] = []
+        codes: dict[int, int] = {}
+        wall = await run(n, lat, codes)
+    if set(codes) != {200}:
+        raise RuntimeError(f"{url}: not every request succeeded: {codes}")
+    return {"concurrency": concurrency, "requests": n, "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
+            "p99_ms": pct(lat, 99), "qps": n / wall, "status": {str(k): v for k, v in sorted(codes.items())}}
+
+
+def load(url: str, bodies, concurrency: int, n: int, warmup: int) -> dict:
+    return asyncio.run(_load(url, bodies, concurrency, n, warmup))
+
+
+_STAGES = {"lookalike_decode_seconds": "decode_ms", "lookalike_inference_seconds": "forward_ms_per_batch",
+           "lookalike_search_seconds": "search_ms_per_batch", "lookalike_batch_size": "batch_size"}
+
+
+def scrape(base_url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the service's stage histograms and of its /v1/search 200 request times."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, tuple[float, float]] = {}
+    for fam in text_string_to_metric_families(httpx.get(base_url + "/metrics", timeout=10).text):
+        for smp in fam.samples:
+            name = smp.name
+            if fam.name == "lookalike_http_request_duration_seconds":
+                if smp.labels.get("route") != "/v1/search" or smp.labels.get("status") != "200":
+                    continue
+            elif fam.name not in _STAGES:
+                continue
+            for suffix, idx in (("_sum", 0), ("_count", 1)):
+                if name.endswith(suffix):
+                    key = name[: -len(suffix)]
+                    cur = list(out.get(key, (0.0, 0.0)))
+                    cur[idx] = smp.value
+                    out[key] = (cur[0], cur[1])
+    return out
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """Means over one load level, measured inside the service."""
+    res = {}
+    for key, label in list(_STAGES.items()) + [("lookalike_http_request_duration_seconds", "request_ms")]:
+        s0, c0 = before.get(key, (0.0, 0.0))
+        s1, c1 = after.get(key, (0.0, 0.0))
+        if c1 > c0:
+            mean = (s1 - s0) / (c1 - c0)
+            res[label] = mean if label == "batch_size" else mean * 1000.0
+    return res
+
+
+# ---------------------------------------------------------------------------------- report
+def table(result: dict) -> str:
+    lines = []
+    ip = result["in_process"]
+    lines.append(f"in-process ({ip['backend']}, 1 thread), per image, mean ms (share):")
+    for k in ("decode+preprocess", "embed", "search"):
+        lines.append(f"  {k:18s} {ip[k]['mean_ms']:7.2f}  ({ip[k]['share']:.0%})")
+    lines.append(f"  {'total':18s} {ip['total']['mean_ms']:7.2f}  (p50 {ip['total']['p50_ms']:.2f})")
+    lines.append("")
+    lines.append("backends in-process, 1 thread: ms per batch")
+    lines.append(f"  {'backend':12s} {'b1':>8s} {'b8':>8s} {'b8/img':>8s} {'maxdiff':>9s}")
+    for name, row in result["backends"].items():
+        lines.append(f"  {name:12s} {row['b1_ms']:8.2f} {row['b8_ms']:8.2f} {row['b8_per_image_ms']:8.2f} "
+                     f"{row['max_abs_diff_vs_fp32']:9.1e}")
+    lines.append("")
+    lines.append(f"{'server':16s} {'conc':>4s} {'p50 ms':>7s} {'p95 ms':>7s} {'p99 ms':>7s} {'QPS':>6s}  "
+                 "| in server: request, decode, forward/batch, search/batch ms, batch")
+    for row in result["load"]:
+        ss = row.get("server_side", {})
+        inside = " ".join(f"{ss.get(k, float('nan')):6.2f}" for k in
+                          ("request_ms", "decode_ms", "forward_ms_per_batch", "search_ms_per_batch", "batch_size"))
+        lines.append(f"{row['server']:16s} {row['concurrency']:4d} {row['p50_ms']:7.2f} {row['p95_ms']:7.2f} "
+                     f"{row['p99_ms']:7.2f} {row['qps']:6.1f}  | {inside if ss else ''}")
+    v = result["verdict"]
+    lines.append("")
+    lines.append(f"HTTP+framework overhead at c=1: {v['overhead_ms']:.2f} ms = {v['overhead_ratio']:.1%} of in-process "
+                 f"(target <= 15%: {'PASS' if v['overhead_ok'] else 'FAIL'})")
+    lines.append(f"QPS at c=8 vs naive: {v['qps_ratio_vs_naive']:.2f}x (target >= 1.6x: "
+                 f"{'PASS' if v['qps_ok'] else 'FAIL'}); micro-batching vs none at c=8: {v['qps_ratio_batch']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cub100", default=os.environ.get("LOOKALIKE_CUB100", str(REPO.parent / "shared/data/cub100")))
+    p.add_argument("--images", type=int, default=64, help="distinct query images")
+    p.add_argument("--requests", type=int, default=200, help="measured requests per server and concurrency")
+    p.add_argument("--warmup", type=int, default=16)
+    p.add_argument("--index-size", type=int, default=100_000, help="synthetic vectors in the index")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--factory", default="auto")
+    p.add_argument("--concurrency", default="1,8")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="service backend")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--inference-threads", type=int, default=1)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--workdir", help="reuse the model/index here between runs (default: a temp dir)")
+    p.add_argument("--quick", action="store_true", help="10k vectors, 60 requests per level")
+    p.add_argument("--json", help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.index_size, args.requests, args.images, args.warmup = 10_000, 60, 32, 8
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    tmp = None
+    if args.workdir:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_service_")
+        work = Path(tmp.name)
+    t_start = time.perf_counter()
+    model_dir, index_dir, queries = build_fixture(work, args)
+    datas = [q.read_bytes() for q in queries]
+
+    from service.settings import Settings
+    from service.state import resolve_backend_name
+
+    backend = resolve_backend_name(Settings(model_dir=model_dir, writes_enabled=False, backend=args.backend))
+    result: dict = {
+        "bench": "service", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                        "load_avg_at_start": os.getloadavg()},
+        "config": {k: v for k, v in vars(args).items() if k not in ("json",)} | {"service_backend": backend},
+        "in_process": inprocess(model_dir, index_dir, queries, backend, repeats=1 if args.quick else 2),
+        "backends": backend_compare(model_dir, repeats=5 if args.quick else 10),
+        "load": [],
+    }
+
+    bodies = make_bodies(datas, args.k)
+    servers = [
+        ("service", *service_cmd(model_dir, index_dir, free_port(), backend, args.max_batch, args.batch_wait_ms,
+                                 args.inference_threads), "/v1/search"),
+        ("service-nobatch", *service_cmd(model_dir, index_dir, free_port(), backend, 1, 0.0,
+                                         args.inference_threads), "/v1/search"),
+    ]
+    if not args.skip_naive:
+        port = free_port()
+        servers.append(("naive", *naive_cmd(model_dir, index_dir, port, backend), "/v1/search"))
+    for name, cmd, env, path in servers:
+        port = int(env.get("LOOKALIKE_PORT") or cmd[cmd.index("--port") + 1])
+        with Server(name, cmd, env, port, work / f"{name}.log") as srv:
+            for c in levels:
+                before = scrape(srv.url) if name.startswith("service") else {}
+                row = load(srv.url + path, bodies, c, args.requests, args.warmup)
+                if name.startswith("service"):
+                    row["server_side"] = server_side(before, scrape(srv.url))
+                result["load"].append({"server": name, **row})
+                print(f"  {name} c={c}: p50 {row['p50_ms']:.1f} ms, {row['qps']:.1f} QPS", file=sys.stderr)
+            if name == "naive":
+                row = load(srv.url + "/empty", bodies, 1, args.requests, args.warmup)
+                result["load"].append({"server": "naive /empty", **row})
+
+    def find(server: str, c: int) -> dict:
+        return next(r for r in result["load"] if r["server"] == server and r["concurrency"] == c)
+
+    base = result["in_process"]["total"]["p50_ms"]
+    c1 = find("service", 1)["p50_ms"]
+    verdict = {"overhead_ms": c1 - base, "overhead_ratio": (c1 - base) / base}
+    verdict["overhead_ok"] = verdict["overhead_ratio"] <= 0.15
+    hi = max(levels)
+    verdict["qps_ratio_batch"] = find("service", hi)["qps"] / find("service-nobatch", hi)["qps"]
+    if not args.skip_naive:
+        verdict["qps_ratio_vs_naive"] = find("service", hi)["qps"] / find("naive", hi)["qps"]
+        verdict["qps_ok"] = verdict["qps_ratio_vs_naive"] >= 1.6
+    else:
+        verdict["qps_ratio_vs_naive"], verdict["qps_ok"] = float("nan"), False
+    result["verdict"] = verdict
+    result["machine"]["load_avg_at_end"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - t_start
+
+    print(json.dumps(result, indent=2))
+    print()
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
