@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -113,47 +114,61 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1000.0, q))
 
 
-def inprocess(model_dir: Path, index_dir: Path, queries: list[Path], backend_name: str, repeats: int) -> dict:
-    """decode + preprocess + embed + search per image, sequentially, the service's thread counts."""
-    import faiss
-    import torch
+class InProcess:
+    """decode + preprocess + embed (batch 1) + search per image, sequentially, with the service's
+    thread counts (1 torch / ONNX Runtime thread, 1 FAISS thread). ``run_round`` measures one
+    pass over the images so it can be interleaved with the server measurements."""
 
-    from index import IndexStore
-    from models import decode_image
-    from models.backends import load_backend
+    STAGES = ("decode+preprocess", "embed", "search", "total")
 
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    backend = load_backend(model_dir, backend_name, **({"threads": 1} if backend_name == "onnx" else {}))
-    store = IndexStore.open(index_dir, card=backend.card)
-    datas = [q.read_bytes() for q in queries]
-    draft = backend.preprocess.draft_size()
-    stages: dict[str, list[float]] = {"decode+preprocess": [], "embed": [], "search": [], "total": []}
-    for rep in range(repeats + 1):
-        for data in datas:
+    def __init__(self, model_dir: Path, index_dir: Path, queries: list[Path], backend_name: str) -> None:
+        import faiss
+        import torch
+
+        from index import IndexStore
+        from models.backends import load_backend
+
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
+        self.backend = load_backend(model_dir, backend_name, **({"threads": 1} if backend_name == "onnx" else {}))
+        self.store = IndexStore.open(index_dir, card=self.backend.card)
+        self.datas = [q.read_bytes() for q in queries]
+        self.times: dict[str, list[float]] = {k: [] for k in self.STAGES}
+        self.run_round(record=False)  # warm-up
+
+    def run_round(self, record: bool = True) -> None:
+        from models import decode_image
+
+        draft = self.backend.preprocess.draft_size()
+        for data in self.datas:
             t0 = time.perf_counter()
-            x = backend.preprocess(decode_image(data, draft_size=draft))[None]
+            x = self.backend.preprocess(decode_image(data, draft_size=draft))[None]
             t1 = time.perf_counter()
-            v = backend.embed_array(x)
+            v = self.backend.embed_array(x)
             t2 = time.perf_counter()
-            store.search(v, 10)
+            self.store.search(v, 10)
             t3 = time.perf_counter()
-            if rep > 0:  # first pass is warm-up
-                stages["decode+preprocess"].append(t1 - t0)
-                stages["embed"].append(t2 - t1)
-                stages["search"].append(t3 - t2)
-                stages["total"].append(t3 - t0)
-    store.close()
-    out = {k: {"p50_ms": pct(v, 50), "mean_ms": float(np.mean(v) * 1000)} for k, v in stages.items()}
-    total = out["total"]["mean_ms"]
-    for k in ("decode+preprocess", "embed", "search"):
-        out[k]["share"] = out[k]["mean_ms"] / total
-    out["backend"] = getattr(backend, "name", backend_name) + (" bf16" if getattr(backend, "bf16", False) else "")
-    return out
+            if record:
+                for k, dt in zip(self.STAGES, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                    self.times[k].append(dt)
+
+    def report(self) -> dict:
+        out = {k: {"p50_ms": pct(v, 50), "mean_ms": float(np.mean(v) * 1000)} for k, v in self.times.items()}
+        total = out["total"]["mean_ms"]
+        for k in self.STAGES[:3]:
+            out[k]["share"] = out[k]["mean_ms"] / total
+        out["backend"] = self.backend.name + (" bf16" if getattr(self.backend, "bf16", False) else "")
+        out["samples"] = len(self.times["total"])
+        return out
+
+    def close(self) -> None:
+        self.store.close()
 
 
-def backend_compare(model_dir: Path, repeats: int) -> dict:
-    """ms per batch of 1 and 8 for each backend variant, 1 intra-op thread (the service's)."""
+def backend_compare(model_dir: Path, rounds: int) -> dict:
+    """ms per batch of 1 and 8 for each backend variant, 1 intra-op thread (the service's),
+    variants interleaved in ``rounds`` so a change of machine load hits them alike; the median
+    over rounds is reported."""
     import torch
 
     from models.backends import OnnxBackend, TorchBackend, bf16_supported
@@ -161,29 +176,29 @@ def backend_compare(model_dir: Path, repeats: int) -> dict:
     torch.set_num_threads(1)
     size = TorchBackend(model_dir, bf16=False).card.image_size
     rng = np.random.default_rng(0)
-    x1 = rng.standard_normal((1, 3, size, size)).astype(np.float32)
-    x8 = rng.standard_normal((8, 3, size, size)).astype(np.float32)
-    variants = {"torch fp32": lambda: TorchBackend(model_dir, bf16=False), "onnx": lambda: OnnxBackend(model_dir)}
+    xs = {"b1": rng.standard_normal((1, 3, size, size)).astype(np.float32),
+          "b8": rng.standard_normal((8, 3, size, size)).astype(np.float32)}
+    variants = {"torch fp32": TorchBackend(model_dir, bf16=False), "onnx": OnnxBackend(model_dir, threads=1)}
     if bf16_supported():
-        variants["torch bf16"] = lambda: TorchBackend(model_dir, bf16=True)
-    out = {}
-    for name, make in variants.items():
-        b = make()
-        row = {}
-        for label, x, n in (("b1", x1, repeats * 3), ("b8", x8, repeats)):
-            for _ in range(3):
-                b.embed_array(x)
-            ts = []
-            for _ in range(n):
+        variants["torch bf16"] = TorchBackend(model_dir, bf16=True)
+    times: dict[str, dict[str, list[float]]] = {n: {"b1": [], "b8": []} for n in variants}
+    for b in variants.values():
+        for x in xs.values():
+            b.embed_array(x)
+    for _ in range(rounds):
+        for name, b in variants.items():
+            for label, reps in (("b1", 8), ("b8", 2)):
                 t0 = time.perf_counter()
-                b.embed_array(x)
-                ts.append(time.perf_counter() - t0)
-            row[f"{label}_ms"] = pct(ts, 50)
+                for _ in range(reps):
+                    b.embed_array(xs[label])
+                times[name][label].append((time.perf_counter() - t0) / reps)
+    ref = variants["torch fp32"].embed_array(xs["b8"])
+    out = {}
+    for name, b in variants.items():
+        row = {f"{label}_ms": float(np.median(v) * 1000) for label, v in times[name].items()}
         row["b8_per_image_ms"] = row["b8_ms"] / 8
+        row["max_abs_diff_vs_fp32"] = float(np.abs(b.embed_array(xs["b8"]) - ref).max())
         out[name] = row
-    ref = TorchBackend(model_dir, bf16=False).embed_array(x8)
-    for name, make in variants.items():
-        out[name]["max_abs_diff_vs_fp32"] = float(np.abs(make().embed_array(x8) - ref).max())
     return out
 
 
@@ -255,38 +270,35 @@ def make_bodies(datas: list[bytes], k: int) -> list[tuple[bytes, dict]]:
 
 
 async def _load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n: int, warmup: int) -> dict:
+    """``n`` requests through ``concurrency`` connections (after ``warmup`` unrecorded ones)."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        async def one(i: int, record: list | None, codes: dict) -> None:
-            body, headers = bodies[i % len(bodies)]
-            t0 = time.perf_counter()
-            resp = await client.post(url, content=body, headers=headers)
-            await resp.aread()
-            if record is not None:
-                record.append(time.perf_counter() - t0)
-            codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
-
-        async def run(count: int, record: list | None, codes: dict) -> float:
+        async def run(count: int, record: list, codes: dict) -> float:
             counter = iter(range(count))
 
             async def worker() -> None:
                 for i in counter:
-                    await one(i, record, codes)
+                    body, headers = bodies[i % len(bodies)]
+                    t0 = time.perf_counter()
+                    resp = await client.post(url, content=body, headers=headers)
+                    await resp.aread()
+                    record.append(time.perf_counter() - t0)
+                    codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
 
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             return time.perf_counter() - t0
 
-        await run(warmup, None, {})
+        if warmup:
+            await run(warmup, [], {})
         lat: list[float] = []
         codes: dict[int, int] = {}
-        wall = await run(n, lat, codes)
-    if set(codes) != {200}:
+        wall = await run(n, lat, codes) if n else 0.0
+    if n and set(codes) != {200}:
         raise RuntimeError(f"{url}: not every request succeeded: {codes}")
-    return {"concurrency": concurrency, "requests": n, "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
-            "p99_ms": pct(lat, 99), "qps": n / wall, "status": {str(k): v for k, v in sorted(codes.items())}}
+    return {"latencies": lat, "wall_s": wall, "status": {str(k): v for k, v in sorted(codes.items())}}
 
 
 def load(url: str, bodies, concurrency: int, n: int, warmup: int) -> dict:
@@ -370,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=64, help="distinct query images")
     p.add_argument("--requests", type=int, default=200, help="measured requests per server and concurrency")
     p.add_argument("--warmup", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5, help="measurements are interleaved over this many rounds")
     p.add_argument("--index-size", type=int, default=100_000, help="synthetic vectors in the index")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--dim", type=int, default=128)
@@ -386,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args(argv)
     if args.quick:
-        args.index_size, args.requests, args.images, args.warmup = 10_000, 60, 32, 8
+        args.index_size, args.requests, args.images, args.warmup, args.rounds = 10_000, 60, 32, 8, 3
     levels = [int(c) for c in args.concurrency.split(",")]
 
     tmp = None
@@ -408,34 +421,66 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "service", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                         "load_avg_at_start": os.getloadavg()},
         "config": {k: v for k, v in vars(args).items() if k not in ("json",)} | {"service_backend": backend},
-        "in_process": inprocess(model_dir, index_dir, queries, backend, repeats=1 if args.quick else 2),
-        "backends": backend_compare(model_dir, repeats=5 if args.quick else 10),
+        "backends": backend_compare(model_dir, rounds=4 if args.quick else 8),
         "load": [],
     }
-
     bodies = make_bodies(datas, args.k)
-    servers = [
+    specs = [
         ("service", *service_cmd(model_dir, index_dir, free_port(), backend, args.max_batch, args.batch_wait_ms,
-                                 args.inference_threads), "/v1/search"),
+                                 args.inference_threads)),
         ("service-nobatch", *service_cmd(model_dir, index_dir, free_port(), backend, 1, 0.0,
-                                         args.inference_threads), "/v1/search"),
+                                         args.inference_threads)),
     ]
     if not args.skip_naive:
-        port = free_port()
-        servers.append(("naive", *naive_cmd(model_dir, index_dir, port, backend), "/v1/search"))
-    for name, cmd, env, path in servers:
-        port = int(env.get("LOOKALIKE_PORT") or cmd[cmd.index("--port") + 1])
-        with Server(name, cmd, env, port, work / f"{name}.log") as srv:
-            for c in levels:
+        specs.append(("naive", *naive_cmd(model_dir, index_dir, free_port(), backend)))
+    # Every server runs from the start (idle ones cost nothing) and the measurements are
+    # interleaved in rounds: the machine is shared, and a change of load during the run then
+    # hits every configuration alike instead of whichever happened to run at that moment.
+    inproc = InProcess(model_dir, index_dir, queries, backend)
+    cells = [(name, c, "/v1/search") for name, *_ in specs for c in levels]
+    if not args.skip_naive:
+        cells.append(("naive", 1, "/empty"))
+    lat: dict[tuple, list[float]] = {cell: [] for cell in cells}
+    wall: dict[tuple, float] = {cell: 0.0 for cell in cells}
+    codes: dict[tuple, dict] = {cell: {} for cell in cells}
+    inside: dict[tuple, dict] = {cell: {} for cell in cells}
+    per_round = max(1, args.requests // args.rounds)
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name, cmd, env in specs:
+            port = int(env.get("LOOKALIKE_PORT") or cmd[cmd.index("--port") + 1])
+            servers[name] = stack.enter_context(Server(name, cmd, env, port, work / f"{name}.log"))
+        for cell in cells:  # warm-up
+            load(servers[cell[0]].url + cell[2], bodies, cell[1], args.warmup, 0)
+        for r in range(args.rounds):
+            inproc.run_round()
+            for cell in cells:
+                name, c, path = cell
+                srv = servers[name]
                 before = scrape(srv.url) if name.startswith("service") else {}
-                row = load(srv.url + path, bodies, c, args.requests, args.warmup)
-                if name.startswith("service"):
-                    row["server_side"] = server_side(before, scrape(srv.url))
-                result["load"].append({"server": name, **row})
-                print(f"  {name} c={c}: p50 {row['p50_ms']:.1f} ms, {row['qps']:.1f} QPS", file=sys.stderr)
-            if name == "naive":
-                row = load(srv.url + "/empty", bodies, 1, args.requests, args.warmup)
-                result["load"].append({"server": "naive /empty", **row})
+                row = load(srv.url + path, bodies, c, per_round, 0)
+                lat[cell] += row["latencies"]
+                wall[cell] += row["wall_s"]
+                for code, count in row["status"].items():
+                    codes[cell][code] = codes[cell].get(code, 0) + count
+                if before:
+                    for key, (s1, c1) in scrape(srv.url).items():
+                        s0, c0 = before.get(key, (0.0, 0.0))
+                        acc = inside[cell].setdefault(key, [0.0, 0.0])
+                        acc[0] += s1 - s0
+                        acc[1] += c1 - c0
+            print(f"  round {r + 1}/{args.rounds} done (load avg {os.getloadavg()[0]:.1f})", file=sys.stderr)
+    inproc.close()
+    result["in_process"] = inproc.report()
+    for cell in cells:
+        name, c, path = cell
+        label = name if path == "/v1/search" else f"{name} {path}"
+        xs = lat[cell]
+        row = {"server": label, "concurrency": c, "requests": len(xs), "p50_ms": pct(xs, 50), "p95_ms": pct(xs, 95),
+               "p99_ms": pct(xs, 99), "qps": len(xs) / wall[cell], "status": codes[cell]}
+        if inside[cell]:
+            row["server_side"] = server_side({}, {k: tuple(v) for k, v in inside[cell].items()})
+        result["load"].append(row)
 
     def find(server: str, c: int) -> dict:
         return next(r for r in result["load"] if r["server"] == server and r["concurrency"] == c)

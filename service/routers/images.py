@@ -6,7 +6,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from service.deps import ReadyDep, WriterDep
 from service.errors import ApiError
@@ -56,7 +56,7 @@ async def get_image(image_id: ImageId, state: ReadyDep) -> FileResponse:
 @router.get("/{image_id}/similar", response_model=SearchResponse, summary="Search by an indexed image",
             responses=errors(404, 422, 503))
 async def similar(request: Request, image_id: ImageId, state: ReadyDep,
-                  k: Annotated[int | None, Query(description="hits wanted (1..max_k)")] = None) -> SearchResponse:
+                  k: Annotated[int | None, Query(description="hits wanted (1..max_k)")] = None) -> JSONResponse:
     """The ``k`` images most similar to an already indexed one (itself excluded)."""
     t0 = time.perf_counter()
     kk = parse_k(k, state.settings.default_k, state.settings.max_k)

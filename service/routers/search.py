@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from service.deps import ReadyDep
 from service.routers.common import errors, search_response
@@ -21,7 +22,7 @@ router = APIRouter(prefix="/v1", tags=["search"])
     openapi_extra=upload_openapi(("k", {"type": "integer", "minimum": 1, "description": "hits wanted (1..max_k)"})),
     responses=errors(400, 413, 415, 422, 503),
 )
-async def search(request: Request, state: ReadyDep) -> SearchResponse:
+async def search(request: Request, state: ReadyDep) -> JSONResponse:
     """Upload an image (multipart field ``file``) and get the top ``k`` indexed images ranked by
     cosine similarity. The format is decided by the content (JPEG, PNG, WebP, GIF)."""
     t0 = time.perf_counter()

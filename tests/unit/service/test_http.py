@@ -150,6 +150,9 @@ def test_openapi_documents_the_api(ro_client):
 
 def test_search_response_schema(ro_client, images_root):
     body = search(ro_client, (images_root / "gull" / "002.jpg").read_bytes(), k=4).json()
+    from service.schemas import SearchResponse
+
+    SearchResponse.model_validate(body)  # the hot path builds JSON directly; it must match the schema
     assert set(body) == {"results", "k", "model", "index", "took_ms"}
     assert body["k"] == 4 and len(body["results"]) == 4
     assert re.fullmatch(r"[0-9a-f]{64}", body["model"]) and isinstance(body["index"], int) and body["took_ms"] > 0
