@@ -22,6 +22,8 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
                    help="index only the first-level subfolders named in FILE (one per line)")
     p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch / commit (default 64)")
     p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: CPUs, max 4)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads while embedding (default: CPUs - 1, unless OMP_NUM_THREADS is set)")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="inference backend")
     bf = p.add_mutually_exclusive_group()
     bf.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="force bf16 autocast")
@@ -94,7 +96,8 @@ def _ingest(store, model: str, images: str, args) -> int:
     embedder = Embedder.load(model, backend=args.backend, bf16=args.bf16)
     report = index_folder(store, embedder, images, labels_from_folders=args.labels_from_folders,
                           include=_read_classes(args.classes), batch_size=args.batch_size, workers=args.workers,
-                          draft=not args.no_draft, progress=not args.no_progress, log_path=args.log)
+                          draft=not args.no_draft, progress=not args.no_progress, threads=args.threads,
+                          log_path=args.log)
     print(report.summary())
     for rel, code, reason in report.failures[:20]:
         print(f"  failed: {rel}: {reason} ({code})")

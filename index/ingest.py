@@ -1,11 +1,11 @@
 """The batch indexing job: a folder of images -> embeddings -> the index.
 
 Walks a folder recursively; files whose (path, size, mtime) match their stored record are
-``unchanged`` without being read. The rest are read, hashed (sha256) and decoded by
-:func:`models.decode_image` (JPEG draft decoding at the model's resize size) and preprocessed
-in DataLoader worker processes; the main process drops ``duplicates`` (content already indexed,
-or seen earlier in this run), embeds the rest in batches and adds each batch in one durable
-transaction. Files that cannot be read or decoded are ``failed``, each with a one-line reason
+``unchanged`` without being read. The rest go through DataLoader worker processes, one batch
+per item: read, hash (sha256), decode with :func:`models.decode_image` (JPEG draft decoding at
+the model's resize size), preprocess, and embed the batch (torch: inference_mode, channels_last,
+bf16 autocast where supported; or ONNX Runtime). The main process drops ``duplicates`` (content
+already indexed, or seen earlier in this run) and adds each batch in one durable transaction. Files that cannot be read or decoded are ``failed``, each with a one-line reason
 in the log file and the module log.
 
 Crash safety: a batch is either committed (and then ``unchanged`` on the next run, because its
@@ -51,8 +51,9 @@ class IngestReport:
     ignored: int = 0
     seen: int = 0
     seconds: float = 0.0
-    decode_seconds: float = 0.0
+    decode_seconds: float = 0.0  #: read + sha256 + decode + preprocess, summed over workers
     embed_seconds: float = 0.0
+    wait_seconds: float = 0.0  #: main process blocked waiting for decoded batches
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     log_path: Path | None = None
     generation: int | None = None
@@ -101,25 +102,71 @@ def walk_images(root: Path, *, include: Sequence[str] | None = None,
     return files, ignored
 
 
-class _DecodeDataset:
-    """torch Dataset over files: read + sha256 + safe decode + preprocess, in workers."""
+class Embedder:
+    """Wraps an :class:`models.backends.InferenceBackend`: (N, 3, S, S) float32 -> (N, D) float32 unit.
 
-    def __init__(self, files: Sequence[Path], rels: Sequence[str], preprocess: Preprocess, limits: DecodeLimits,
-                 draft: bool) -> None:
+    Built with :meth:`load`, it also knows how to rebuild itself (``spec``) inside a worker
+    process, so decode workers can embed their own batches.
+    """
+
+    def __init__(self, backend, spec: tuple | None = None) -> None:
+        self.backend = backend
+        self.card = backend.card
+        self.preprocess = backend.preprocess
+        self.spec = spec
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, backend: str = "torch", bf16: bool | None = None) -> "Embedder":
+        from models.backends import load_backend
+
+        kwargs = {"bf16": bf16} if backend == "torch" else {}
+        b = load_backend(model_dir, backend, **kwargs)
+        return cls(b, spec=(str(model_dir), backend, getattr(b, "bf16", None)))
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.backend.embed_array(batch)
+
+
+_WORKER_EMBEDDERS: dict[tuple, Embedder] = {}
+
+
+def _embedder_here(embedder: Embedder) -> Embedder:
+    """The embedder to use in this process: the given one in the main process and, for torch,
+    in forked workers too (the inherited model is used as is, no reload); an ONNX Runtime
+    session must not cross a fork, so workers rebuild that one from its spec, once each."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None or embedder.spec is None or embedder.spec[1] == "torch":
+        return embedder
+    if embedder.spec not in _WORKER_EMBEDDERS:
+        model_dir, backend, bf16 = embedder.spec
+        _WORKER_EMBEDDERS[embedder.spec] = Embedder.load(model_dir, backend=backend, bf16=bf16)
+    return _WORKER_EMBEDDERS[embedder.spec]
+
+
+class _BatchDataset:
+    """torch Dataset whose item ``b`` is batch ``b``: read + sha256 + safe decode + preprocess of
+    each file, then one embedding call for the decodable ones. Runs in DataLoader workers, each
+    a single-threaded process, so the cores run independent batches (no OpenMP barriers)."""
+
+    def __init__(self, files: Sequence[Path], rels: Sequence[str], embedder: Embedder, limits: DecodeLimits,
+                 draft: bool, batch_size: int) -> None:
         self.files = list(files)
         self.rels = list(rels)
-        self.preprocess = preprocess
+        self.embedder = embedder
+        self.preprocess = embedder.preprocess
         self.limits = limits
-        self.draft_size = preprocess.draft_size() if draft else None
+        self.draft_size = self.preprocess.draft_size() if draft else None
+        self.starts = list(range(0, len(self.files), batch_size))
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.starts)
 
-    def __getitem__(self, i: int) -> dict:
-        t0 = time.perf_counter()
+    def _decode(self, i: int) -> dict:
         rel = self.rels[i]
-        out = {"i": i, "rel": rel, "array": None, "code": None, "reason": None, "sha256": None, "size": 0,
-               "mtime": 0.0}
+        out = {"rel": rel, "array": None, "vector": None, "code": None, "reason": None, "sha256": None,
+               "size": 0, "mtime": 0.0}
         try:
             with open(self.files[i], "rb") as fh:
                 st = os.fstat(fh.fileno())
@@ -135,37 +182,28 @@ class _DecodeDataset:
             out["code"], out["reason"] = exc.code, exc.reason
         except OSError as exc:
             out["code"], out["reason"] = "unreadable", f"cannot read file ({exc.strerror or exc})"
-        out["t"] = time.perf_counter() - t0
         return out
 
-
-def _collate(items: list[dict]) -> list[dict]:
-    return items
-
-
-class Embedder:
-    """Wraps an :class:`models.backends.InferenceBackend`: (N, 3, S, S) float32 -> (N, D) float32 unit."""
-
-    def __init__(self, backend) -> None:
-        self.backend = backend
-        self.card = backend.card
-        self.preprocess = backend.preprocess
-
-    @classmethod
-    def load(cls, model_dir: str | Path, *, backend: str = "torch", bf16: bool | None = None) -> "Embedder":
-        from models.backends import load_backend
-
-        kwargs = {"bf16": bf16} if backend == "torch" else {}
-        return cls(load_backend(model_dir, backend, **kwargs))
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.backend.embed_array(batch)
+    def __getitem__(self, b: int) -> tuple[list[dict], float, float]:
+        """-> (items, decode seconds, embed seconds); items carry ``vector`` (D,) float32 or a failure."""
+        t0 = time.perf_counter()
+        start = self.starts[b]
+        items = [self._decode(i) for i in range(start, min(start + self.batch_size, len(self.files)))]
+        t1 = time.perf_counter()
+        ok = [it for it in items if it["array"] is not None]
+        if ok:
+            vecs = _embedder_here(self.embedder)(np.stack([it["array"] for it in ok]))
+            for it, v in zip(ok, vecs):
+                it["vector"] = v
+        for it in items:
+            it["array"] = None  # do not ship pixels back to the main process
+        return items, t1 - t0, time.perf_counter() - t1
 
 
 def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, labels_from_folders: bool = False,
                  include: Sequence[str] | None = None, batch_size: int = 64, workers: int | None = None,
                  limits: DecodeLimits = DEFAULT_LIMITS, draft: bool = True, progress: bool = True,
-                 checkpoint: bool = True, checkpoint_every: int = 100_000,
+                 checkpoint: bool = True, checkpoint_every: int = 100_000, threads: int | None = None,
                  log_path: str | Path | None = None) -> IngestReport:
     """Index every image under ``folder`` (which must lie inside ``store.images_root``).
 
@@ -175,13 +213,19 @@ def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, l
         labels_from_folders: label = the image's parent folder name (ImageFolder layout).
         include: only these first-level subfolders of ``folder``.
         batch_size: images per embedding batch (and per durable commit).
-        workers: DataLoader decode processes (default: CPU count, at most 4; 0 = in-process).
+        workers: DataLoader processes that decode and embed (default: CPU count, at most 4;
+            0 = everything in this process).
         checkpoint: publish a generation at the end (and every ``checkpoint_every`` adds).
+        threads: torch threads of the main process when ``workers=0`` (default: torch's own).
+            With workers, each worker is one single-threaded process that decodes *and* embeds
+            its batches: measured on the shared 2-core machine, two 1-thread processes beat one
+            2-thread process by ~3x (OpenMP barriers stall when other jobs take a core).
         log_path: failure log (default ``<index>/logs/ingest-<time>.log``).
 
     Returns:
         The :class:`IngestReport` with counts and failures.
     """
+    import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -233,18 +277,29 @@ def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, l
 
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
-    ds = _DecodeDataset(todo, rels, embedder.preprocess, limits, draft)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    prev_threads = torch.get_num_threads()
+    if threads and not workers:
+        torch.set_num_threads(threads)
+    ds = _BatchDataset(todo, rels, embedder, limits, draft, batch_size)
+    loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                        prefetch_factor=2 if workers else None, persistent_workers=False)
     seen_shas: dict[str, str] = {}
     since_ckpt = 0
     bar = tqdm(total=len(todo), unit="img", desc="indexing", disable=not progress, smoothing=0.1)
     try:
-        for items in loader:
+        batches = iter(loader)
+        while True:
+            t_wait = time.perf_counter()
+            got = next(batches, None)
+            report.wait_seconds += time.perf_counter() - t_wait
+            if got is None:
+                break
+            items, dec_s, emb_s = got
+            report.decode_seconds += dec_s
+            report.embed_seconds += emb_s
             ok = []
             for it in items:
-                report.decode_seconds += it.pop("t", 0.0)
-                if it["array"] is None:
+                if it["vector"] is None:
                     report.failed += 1
                     report.failures.append((it["rel"], it["code"], it["reason"]))
                     log.warning("skipped %s: %s (%s)", it["rel"], it["reason"], it["code"])
@@ -271,10 +326,7 @@ def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, l
             if replace_ids:
                 report.replaced += store.remove(replace_ids)
             if new:
-                t0 = time.perf_counter()
-                batch = np.stack([it["array"] for it in new])
-                vecs = embedder(batch)
-                report.embed_seconds += time.perf_counter() - t0
+                vecs = np.stack([it["vector"] for it in new])
                 label = (lambda rel: Path(rel).parent.name or None) if labels_from_folders else (lambda rel: None)
                 store.add(vecs, [{"path": it["rel"], "label": label(it["rel"]), "sha256": it["sha256"],
                                   "size": it["size"], "mtime": it["mtime"], "source": "folder"} for it in new])
@@ -288,6 +340,7 @@ def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, l
         if checkpoint and (report.added or report.replaced or store.info()["pending_changes"]):
             report.generation = store.checkpoint()
     finally:
+        torch.set_num_threads(prev_threads)
         bar.close()
         report.seconds = time.perf_counter() - t_start
         logf.write(f"# {report.summary()}\n")
