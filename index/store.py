@@ -456,6 +456,7 @@ class IndexStore:
         ext = ext.lower().lstrip(".")
         if not _EXT_RE.match(ext):
             raise ValueError(f"file extension {ext!r} is not allowed (letters/digits, at most 8)")
+        v = self._check_vectors(np.asarray(vector, dtype=np.float32).reshape(1, -1))  # before writing any file
         sha = hashlib.sha256(data).hexdigest()
         existing = self.db.by_sha(sha)
         if existing is not None:
@@ -464,8 +465,7 @@ class IndexStore:
         up.mkdir(exist_ok=True)
         name = f"{sha}.{ext}"
         gens.atomic_write_bytes(up / name, bytes(data))
-        (i,) = self.add(np.asarray(vector, dtype=np.float32).reshape(1, -1),
-                        [{"path": name, "label": label, "sha256": sha, "size": len(data), "mtime": time.time(),
+        (i,) = self.add(v, [{"path": name, "label": label, "sha256": sha, "size": len(data), "mtime": time.time(),
                           "source": "upload"}])
         rec = self.db.get(i)
         assert rec is not None
