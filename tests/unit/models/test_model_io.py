@@ -152,3 +152,9 @@ def test_onnx_backend_imports_without_torch(saved, tmp_path):
 def test_l2_normalize_zero_rows():
     out = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
     np.testing.assert_allclose(out, [[0.6, 0.8], [0, 0]])
+
+
+def test_saved_files_are_world_readable(saved):
+    d, _, _ = saved
+    for f in ("model.safetensors", "card.json"):
+        assert (d / f).stat().st_mode & 0o044 == 0o044, f
