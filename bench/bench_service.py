@@ -165,6 +165,58 @@ class InProcess:
         self.store.close()
 
 
+class InProcessWorker:
+    """:class:`InProcess` in its own Python process (like a server process, minus HTTP), driven
+    over stdin/stdout, so the client's own state does not colour the baseline."""
+
+    def __init__(self, model_dir: Path, index_dir: Path, queries: list[Path], backend_name: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        args = json.dumps({"model": str(model_dir), "index": str(index_dir), "queries": [str(q) for q in queries],
+                           "backend": backend_name})
+        self.proc = subprocess.Popen([sys.executable, __file__, "--_inprocess-worker", args], cwd=REPO, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._expect("ready")
+
+    def _expect(self, what: str) -> str:
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith(what):
+            raise RuntimeError(f"in-process worker said {line!r}, expected {what!r}")
+        return line[len(what):].strip()
+
+    def _send(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def run_round(self) -> None:
+        self._send("round")
+        self._expect("ok")
+
+    def report(self) -> dict:
+        self._send("report")
+        return json.loads(self._expect("report"))
+
+    def close(self) -> None:
+        self._send("quit")
+        self.proc.wait(30)
+
+
+def _inprocess_worker(spec: str) -> int:
+    cfg = json.loads(spec)
+    ip = InProcess(Path(cfg["model"]), Path(cfg["index"]), [Path(q) for q in cfg["queries"]], cfg["backend"])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "round":
+            ip.run_round()
+            print("ok", flush=True)
+        elif cmd == "report":
+            print("report " + json.dumps(ip.report()), flush=True)
+        elif cmd == "quit":
+            break
+    ip.close()
+    return 0
+
+
 def backend_compare(model_dir: Path, rounds: int) -> dict:
     """ms per batch of 1 and 8 for each backend variant, 1 intra-op thread (the service's),
     variants interleaved in ``rounds`` so a change of machine load hits them alike; the median
@@ -252,9 +304,11 @@ def service_cmd(model_dir: Path, index_dir: Path, port: int, backend: str, max_b
     return [sys.executable, "-m", "lookalike", "serve"], env
 
 
-def naive_cmd(model_dir: Path, index_dir: Path, port: int, backend: str) -> tuple[list[str], dict]:
+def naive_cmd(model_dir: Path, index_dir: Path, port: int, backend: str, threads: int = 0) -> tuple[list[str], dict]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("OMP_NUM_THREADS", None)  # naive: library defaults
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     return [sys.executable, str(REPO / "bench" / "naive_server.py"), "--model", str(model_dir), "--index",
             str(index_dir), "--port", str(port), "--backend", backend], env
 
@@ -371,12 +425,19 @@ def table(result: dict) -> str:
     lines.append("")
     lines.append(f"HTTP+framework overhead at c=1: {v['overhead_ms']:.2f} ms = {v['overhead_ratio']:.1%} of in-process "
                  f"(target <= 15%: {'PASS' if v['overhead_ok'] else 'FAIL'})")
+    if "same_requests_overhead_ratio" in v:
+        lines.append(f"  same requests, inside the service: client mean - (decode+forward+search) = "
+                     f"{v['same_requests_overhead_ms']:.2f} ms = {v['same_requests_overhead_ratio']:.1%} of the work "
+                     f"({v['same_requests_work_ms']:.2f} ms)")
     lines.append(f"QPS at c=8 vs naive: {v['qps_ratio_vs_naive']:.2f}x (target >= 1.6x: "
                  f"{'PASS' if v['qps_ok'] else 'FAIL'}); micro-batching vs none at c=8: {v['qps_ratio_batch']:.2f}x")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_inprocess-worker"]:
+        return _inprocess_worker(argv[1])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cub100", default=os.environ.get("LOOKALIKE_CUB100", str(REPO.parent / "shared/data/cub100")))
     p.add_argument("--images", type=int, default=64, help="distinct query images")
@@ -388,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--factory", default="auto")
     p.add_argument("--concurrency", default="1,8")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"], help="service backend")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="backend of the service, its no-batching twin, the naive server and the in-process baseline")
+    p.add_argument("--also-backends", default="", help="comma list (torch,onnx): extra micro-batched services "
+                   "on these backends, measured in the same rounds (to pick the default)")
+    p.add_argument("--naive-threads", type=int, default=0,
+                   help="torch/OMP threads of the naive server (0 = library default)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--inference-threads", type=int, default=1)
@@ -431,12 +497,15 @@ def main(argv: list[str] | None = None) -> int:
         ("service-nobatch", *service_cmd(model_dir, index_dir, free_port(), backend, 1, 0.0,
                                          args.inference_threads)),
     ]
+    for extra in [b for b in args.also_backends.split(",") if b]:
+        specs.append((f"service[{extra}]", *service_cmd(model_dir, index_dir, free_port(), extra, args.max_batch,
+                                                        args.batch_wait_ms, args.inference_threads)))
     if not args.skip_naive:
-        specs.append(("naive", *naive_cmd(model_dir, index_dir, free_port(), backend)))
+        specs.append(("naive", *naive_cmd(model_dir, index_dir, free_port(), backend, args.naive_threads)))
     # Every server runs from the start (idle ones cost nothing) and the measurements are
     # interleaved in rounds: the machine is shared, and a change of load during the run then
     # hits every configuration alike instead of whichever happened to run at that moment.
-    inproc = InProcess(model_dir, index_dir, queries, backend)
+    inproc = InProcessWorker(model_dir, index_dir, queries, backend)
     cells = [(name, c, "/v1/search") for name, *_ in specs for c in levels]
     if not args.skip_naive:
         cells.append(("naive", 1, "/empty"))
@@ -470,14 +539,15 @@ def main(argv: list[str] | None = None) -> int:
                         acc[0] += s1 - s0
                         acc[1] += c1 - c0
             print(f"  round {r + 1}/{args.rounds} done (load avg {os.getloadavg()[0]:.1f})", file=sys.stderr)
-    inproc.close()
     result["in_process"] = inproc.report()
+    inproc.close()
     for cell in cells:
         name, c, path = cell
         label = name if path == "/v1/search" else f"{name} {path}"
         xs = lat[cell]
         row = {"server": label, "concurrency": c, "requests": len(xs), "p50_ms": pct(xs, 50), "p95_ms": pct(xs, 95),
-               "p99_ms": pct(xs, 99), "qps": len(xs) / wall[cell], "status": codes[cell]}
+               "p99_ms": pct(xs, 99), "mean_ms": float(np.mean(xs) * 1000), "qps": len(xs) / wall[cell],
+               "status": codes[cell]}
         if inside[cell]:
             row["server_side"] = server_side({}, {k: tuple(v) for k, v in inside[cell].items()})
         result["load"].append(row)
@@ -489,6 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     c1 = find("service", 1)["p50_ms"]
     verdict = {"overhead_ms": c1 - base, "overhead_ratio": (c1 - base) / base}
     verdict["overhead_ok"] = verdict["overhead_ratio"] <= 0.15
+    # Same requests, measured inside the service: client mean latency minus the mean of the work
+    # itself (decode + forward + search at batch 1). Immune to machine-load drift between runs.
+    ss = find("service", 1).get("server_side", {})
+    work_ms = sum(ss.get(k, 0.0) for k in ("decode_ms", "forward_ms_per_batch", "search_ms_per_batch"))
+    if work_ms:
+        verdict["same_requests_work_ms"] = work_ms
+        verdict["same_requests_overhead_ms"] = find("service", 1)["mean_ms"] - work_ms
+        verdict["same_requests_overhead_ratio"] = verdict["same_requests_overhead_ms"] / work_ms
     hi = max(levels)
     verdict["qps_ratio_batch"] = find("service", hi)["qps"] / find("service-nobatch", hi)["qps"]
     if not args.skip_naive:

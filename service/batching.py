@@ -10,7 +10,8 @@ Why this shape (each a measured fact on these 2-core machines):
   no other query is on its way (at one client that would only add latency); it waits up to
   ``wait_ms`` only while admitted queries are still being decoded.
 * Uploads are decoded in a small pool whose worker queues the job for the inference thread
-  itself (the event loop is woken once per query, with the answer).
+  itself (the event loop is woken once per query, with the answer); when the inference thread
+  is idle it decodes the upload itself, saving one more hand-off at low load.
 * Under load the index search runs in a second thread (``lookalike-search``) so batch n+1's
   forward pass overlaps batch n's search; when no query waits for the model, the inference
   thread searches itself (one hand-off fewer). ``faiss.omp_set_num_threads`` applies only to
@@ -61,11 +62,12 @@ class NotRunning(Exception):
 
 @dataclass(eq=False)
 class _Job:
-    array: np.ndarray              # (3, S, S) float32
+    array: np.ndarray | None       # (3, S, S) float32, or None until ``prepare`` ran
     k: int                         # 0 = embed only
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     vector: np.ndarray | None = field(default=None)
+    prepare: Callable[[], np.ndarray] | None = field(default=None)  # run by the inference thread
 
 
 def _resolve(fut: asyncio.Future, value: Any = None, exc: BaseException | None = None) -> None:
@@ -136,6 +138,7 @@ class MicroBatcher:
         self._pending = 0
         self._incoming = 0
         self._accepting = False
+        self._busy = False  # the inference thread is working on a batch
         self._infer_thread: threading.Thread | None = None
         self._search_thread: threading.Thread | None = None
         self._backend_ready: concurrent.futures.Future = concurrent.futures.Future()
@@ -234,10 +237,18 @@ class MicroBatcher:
                 return
             self._queue.put(job)
 
-        if executor is None:
-            raise ValueError("a prepare callable needs an executor to run in")
-        executor.submit(prepare_and_queue)
+        if executor is None or self._idle():
+            # Nothing else for the model to do: the inference thread prepares the input itself,
+            # one thread hand-off fewer than going through the decode pool.
+            job.prepare = item
+            ticket._enqueued()
+            self._queue.put(job)
+        else:
+            executor.submit(prepare_and_queue)
         return await job.future
+
+    def _idle(self) -> bool:
+        return not self._busy and self._queue.empty() and self._incoming <= 1
 
     async def search(self, ticket: Ticket, item, k: int, *, executor=None) -> tuple[np.ndarray, list]:
         """Embed one image and search it.
@@ -289,14 +300,32 @@ class MicroBatcher:
         log.info("inference thread ready (backend=%s, max_batch=%d, wait_ms=%.1f)",
                  getattr(backend, "name", "?"), self.max_batch, self.wait_s * 1000)
         while True:
+            self._busy = False
             first = self._queue.get()
+            self._busy = True
             if first is _STOP:
                 return
             batch, stop = self._collect(first)
+            batch = self._prepare_inline(batch)
             if batch:
                 self._run_batch(backend, batch)
             if stop:
                 return
+
+    def _prepare_inline(self, batch: list[_Job]) -> list[_Job]:
+        """Run the ``prepare`` of jobs handed over raw (see :meth:`_submit`); drop those that fail."""
+        ready = []
+        for j in batch:
+            if j.prepare is not None:
+                try:
+                    j.array = j.prepare()
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    j.loop.call_soon_threadsafe(_resolve, j.future, None, exc)
+                    continue
+                finally:
+                    j.prepare = None
+            ready.append(j)
+        return ready
 
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
         batch = [first]

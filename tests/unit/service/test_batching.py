@@ -255,11 +255,13 @@ def test_bad_parameters():
         MicroBatcher(lambda: None, max_batch=0)
 
 
-def test_prepare_runs_in_the_executor_and_its_errors_reach_the_caller(model_dir, store, inputs):
+def test_prepare_runs_in_the_idle_inference_thread_else_in_the_executor(model_dir, store, inputs):
     from concurrent.futures import ThreadPoolExecutor
 
     arrays, singles = inputs
     seen = []
+    gate = threading.Event()
+    gate.set()
 
     def prepare():
         seen.append(threading.current_thread().name)
@@ -268,20 +270,37 @@ def test_prepare_runs_in_the_executor_and_its_errors_reach_the_caller(model_dir,
     def bad():
         raise ValueError("cannot decode")
 
-    async def go(mb, pool):
-        with mb.admit() as t:
+    async def go(mb, pool, holder):
+        with mb.admit() as t:  # idle: prepared by the inference thread itself
             vec, hits = await mb.search(t, prepare, 2, executor=pool)
+        with mb.admit() as t:
+            with pytest.raises(ValueError, match="cannot decode"):
+                await mb.search(t, bad, 2, executor=pool)
+        # busy: a query holds the model, the next one is prepared in the executor
+        gate.clear()
+        calls = len(holder["b"].sizes)
+        t1 = mb.admit()
+        first = asyncio.create_task(mb.search(t1, arrays[1], 1))
+        while len(holder["b"].sizes) == calls:
+            await asyncio.sleep(0.005)
+        with mb.admit() as t2:
+            second = asyncio.create_task(mb.search(t2, prepare, 1, executor=pool))
+            await asyncio.sleep(0.2)
+            gate.set()
+            await asyncio.gather(first, second)
+        t1.release()
         with mb.admit() as t:
             with pytest.raises(ValueError, match="cannot decode"):
                 await mb.search(t, bad, 2, executor=pool)
         assert mb.pending == 0
         return vec, hits
 
-    mb, _, _ = start(model_dir, store)
+    mb, holder, _ = start(model_dir, store, gate=gate)
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
         try:
-            vec, hits = asyncio.run(go(mb, pool))
+            vec, hits = asyncio.run(asyncio.wait_for(go(mb, pool, holder), 60))
         finally:
             mb.stop()
-    assert seen == ["decode_0"] and len(hits) == 2
+    assert seen == ["lookalike-infer", "decode_0"], seen
+    assert len(hits) == 2
     np.testing.assert_allclose(vec, singles[0], atol=2e-5)
