@@ -29,6 +29,9 @@ ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "MPO"
 
 # Never accept truncated files silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Register every plugin now: Pillow's lazy preinit() lacks MPO (multi-picture JPEG from cameras),
+# and Image.open(formats=["JPEG", "MPO"]) would raise KeyError('MPO') on the first JPEG.
+Image.init()
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,10 @@ def test_unreadable_path_names_file(tmp_path):
 def test_draft_never_below_requested():
     img = decode_image(_enc(_rgb(800, 600), "JPEG"), draft_size=(128, 128))
     assert min(img.size) >= 128 and img.size[0] < 800
+
+
+def test_garbage_after_jpeg_magic_is_undecodable_not_internal_error(caplog):
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_image(b"\xff\xd8\xff" + b"garbage" * 50)
+    assert ei.value.code in ("undecodable", "truncated")
+    assert "KeyError" not in str(ei.value) and "unexpected decoder failure" not in caplog.text
