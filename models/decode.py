@@ -29,9 +29,7 @@ ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "MPO"
 
 # Never accept truncated files silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Register every plugin now: Pillow's lazy preinit() lacks MPO (multi-picture JPEG from cameras),
-# and Image.open(formats=["JPEG", "MPO"]) would raise KeyError('MPO') on the first JPEG.
-Image.init()
+
 
 
 @dataclass(frozen=True)
@@ -178,7 +176,8 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw), formats=[fmt] if fmt != "JPEG" else ["JPEG", "MPO"])
+            # MPO (multi-picture JPEG from cameras) has no opener of its own: the JPEG factory returns it.
+            img = Image.open(io.BytesIO(raw), formats=[fmt])
             if img.format not in ALLOWED_FORMATS:
                 raise ImageDecodeError("unsupported_format", f"format {img.format} is not allowed", source)
             w, h = img.size
