@@ -155,3 +155,11 @@ def test_garbage_after_jpeg_magic_is_undecodable_not_internal_error(caplog):
         decode_image(b"\xff\xd8\xff" + b"garbage" * 50)
     assert ei.value.code in ("undecodable", "truncated")
     assert "KeyError" not in str(ei.value) and "unexpected decoder failure" not in caplog.text
+
+
+def test_mpo_camera_jpeg_first_frame():
+    a, b = Image.new("RGB", (20, 10), (255, 0, 0)), Image.new("RGB", (20, 10), (0, 255, 0))
+    buf = io.BytesIO()
+    a.save(buf, "MPO", save_all=True, append_images=[b])
+    im = decode_image(buf.getvalue())
+    assert im.size == (20, 10) and im.getpixel((0, 0))[0] > 240
