@@ -14,6 +14,7 @@ index acknowledged survives a crash. It holds
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -60,10 +61,31 @@ def _record(row: Sequence) -> ImageRecord:
                        mtime=float(row[5]), added_at=float(row[6]), source=row[7])
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
-    con.execute("PRAGMA synchronous=FULL")
-    con.execute("PRAGMA busy_timeout=30000")
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection to ``path``. ``readonly`` never writes: ``mode=ro`` while the directory is
+    writable (WAL readers still see other processes' commits); on a read-only directory or mount
+    (a container's ``:ro`` volume) WAL's shared-memory file cannot be made, so the database is
+    opened ``immutable`` — a frozen view, which is what a read-only mount means anyway."""
+    if readonly:
+        if not os.access(path.parent, os.W_OK):
+            log.info("%s is on a read-only location: opening it immutable", path)
+            uri = f"file:{path}?mode=ro&immutable=1"
+        else:
+            uri = f"file:{path}?mode=ro"
+        try:
+            con = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
+            con.execute("SELECT 1 FROM meta LIMIT 1")
+        except sqlite3.Error as exc:
+            raise PermissionError(f"{path}: cannot open the index metadata read-only ({exc})") from None
+        con.execute("PRAGMA busy_timeout=30000")
+        return con
+    try:
+        con = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+        con.execute("PRAGMA synchronous=FULL")
+        con.execute("PRAGMA busy_timeout=30000")
+    except sqlite3.Error as exc:
+        raise PermissionError(f"{path}: cannot open the index metadata for writing ({exc}); "
+                              "check that this user can write the index directory") from None
     return con
 
 
@@ -71,11 +93,12 @@ class MetadataDB:
     """Thread-safe access to ``meta.sqlite``: one write connection (serialised by a mutex) and
     a pool of read connections (WAL readers see the last committed state and never block)."""
 
-    def __init__(self, path: Path, *, create: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly and not create
         if not create and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no metadata database")
-        self._wcon = _connect(self.path)
+        self._wcon = _connect(self.path, readonly=self.readonly)
         if create:
             self._wcon.execute("PRAGMA journal_mode=WAL")
             self._wcon.executescript(_SCHEMA)
@@ -94,7 +117,7 @@ class MetadataDB:
         try:
             con = self._pool.get_nowait()
         except queue.Empty:
-            con = _connect(self.path)
+            con = _connect(self.path, readonly=self.readonly)
             self._all.append(con)
         try:
             yield con

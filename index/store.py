@@ -161,7 +161,7 @@ class IndexStore:
             lock = WriterLock(d)
             lock.acquire()
         try:
-            store = cls(d, config, MetadataDB(d / DB_FILE), lock=lock)
+            store = cls(d, config, MetadataDB(d / DB_FILE, readonly=not writable), lock=lock)
             store._load()
         except BaseException:
             if lock is not None:
