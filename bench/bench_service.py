@@ -356,7 +356,8 @@ async def _load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n:
     return {"latencies": lat, "wall_s": wall, "status": {str(k): v for k, v in sorted(codes.items())}}
 
 
-async def _raw_load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n: int, warmup: int) -> dict:
+async def _raw_load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n: int, warmup: int,
+                    budget_s: float = float("inf")) -> dict:
     """The same as :func:`_load` with a minimal HTTP/1.1 keep-alive client on asyncio streams
     (pre-encoded requests, Content-Length responses), so the client's own CPU time, which is
     counted in every latency, is as small as it can be in Python (~1 ms less than httpx here)."""
@@ -368,11 +369,14 @@ async def _raw_load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int
 
     async def run(count: int, record: list, codes: dict) -> float:
         counter = iter(range(count))
+        deadline = time.perf_counter() + budget_s
 
         async def worker() -> None:
             reader, writer = await asyncio.open_connection(u.hostname, u.port)
             try:
                 for i in counter:
+                    if time.perf_counter() > deadline:
+                        break  # a collapsed server: stop early, report what was measured
                     t0 = time.perf_counter()
                     writer.write(heads[i % len(heads)])
                     status = int((await reader.readline()).split()[1])
@@ -403,9 +407,10 @@ async def _raw_load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int
 CLIENT = "raw"
 
 
-def load(url: str, bodies, concurrency: int, n: int, warmup: int) -> dict:
-    fn = _raw_load if CLIENT == "raw" else _load
-    return asyncio.run(fn(url, bodies, concurrency, n, warmup))
+def load(url: str, bodies, concurrency: int, n: int, warmup: int, budget_s: float = float("inf")) -> dict:
+    if CLIENT == "raw":
+        return asyncio.run(_raw_load(url, bodies, concurrency, n, warmup, budget_s))
+    return asyncio.run(_load(url, bodies, concurrency, n, warmup))
 
 
 _STAGES = {"lookalike_decode_seconds": "decode_ms", "lookalike_inference_seconds": "forward_ms_per_batch",
@@ -462,13 +467,13 @@ def table(result: dict) -> str:
         lines.append(f"  {name:12s} {row['b1_ms']:8.2f} {row['b8_ms']:8.2f} {row['b8_per_image_ms']:8.2f} "
                      f"{row['max_abs_diff_vs_fp32']:9.1e}")
     lines.append("")
-    lines.append(f"{'server':16s} {'conc':>4s} {'p50 ms':>7s} {'p95 ms':>7s} {'p99 ms':>7s} {'QPS':>6s}  "
+    lines.append(f"{'server':16s} {'conc':>4s} {'n':>4s} {'p50 ms':>7s} {'p95 ms':>7s} {'p99 ms':>7s} {'QPS':>6s}  "
                  "| in server: request, decode, forward/batch, search/batch ms, batch")
     for row in result["load"]:
         ss = row.get("server_side", {})
         inside = " ".join(f"{ss.get(k, float('nan')):6.2f}" for k in
                           ("request_ms", "decode_ms", "forward_ms_per_batch", "search_ms_per_batch", "batch_size"))
-        lines.append(f"{row['server']:16s} {row['concurrency']:4d} {row['p50_ms']:7.2f} {row['p95_ms']:7.2f} "
+        lines.append(f"{row['server']:16s} {row['concurrency']:4d} {row['requests']:4d} {row['p50_ms']:7.2f} {row['p95_ms']:7.2f} "
                      f"{row['p99_ms']:7.2f} {row['qps']:6.1f}  | {inside if ss else ''}")
     v = result["verdict"]
     lines.append("")
@@ -493,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=150, help="measured requests per server and concurrency")
     p.add_argument("--warmup", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5, help="measurements are interleaved over this many rounds")
+    p.add_argument("--cell-seconds", type=float, default=6.0,
+                   help="stop a server's share of a round after this long (a collapsed server does fewer "
+                        "requests; the count is reported)")
     p.add_argument("--index-size", type=int, default=100_000, help="synthetic vectors in the index")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--dim", type=int, default=128)
@@ -577,14 +585,14 @@ def main(argv: list[str] | None = None) -> int:
             port = int(env.get("LOOKALIKE_PORT") or cmd[cmd.index("--port") + 1])
             servers[name] = stack.enter_context(Server(name, cmd, env, port, work / f"{name}.log"))
         for cell in cells:  # warm-up
-            load(servers[cell[0]].url + cell[2], bodies, cell[1], args.warmup, 0)
+            load(servers[cell[0]].url + cell[2], bodies, cell[1], args.warmup, 0, args.cell_seconds)
         for r in range(args.rounds):
             inproc.run_round()
             for cell in cells:
                 name, c, path = cell
                 srv = servers[name]
                 before = scrape(srv.url) if name.startswith("service") else {}
-                row = load(srv.url + path, bodies, c, per_round, 0)
+                row = load(srv.url + path, bodies, c, per_round, 0, args.cell_seconds)
                 lat[cell] += row["latencies"]
                 wall[cell] += row["wall_s"]
                 for code, count in row["status"].items():
