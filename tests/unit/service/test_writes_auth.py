@@ -148,3 +148,28 @@ def test_writes_survive_reopening_the_index(make_client):
         hits = search(c, NEW, k=20).json()["results"]
         assert hits[0]["id"] == new_id
         assert 1 not in [h["id"] for h in hits]
+
+
+def test_checkpoint_every_n_writes_publishes_a_generation(make_client):
+    with make_client(checkpoint_every=2) as c:
+        gen0 = c.get("/v1/index").json()["generation"]
+        assert _add(c, headers=auth()).status_code == 201
+        assert c.get("/v1/index").json()["generation"] == gen0
+        assert _delete(c, 2, headers=auth()).status_code == 200
+        gen1 = c.get("/v1/index").json()["generation"]
+        assert gen1 == gen0 + 1
+        assert search(c, NEW, k=1).json()["index"] == gen1
+
+
+def test_graceful_stop_checkpoints_pending_writes(make_client, index_dir):
+    from index import IndexStore
+
+    with make_client(checkpoint_every=0) as c:
+        gen0 = c.get("/v1/index").json()["generation"]
+        assert _add(c, headers=auth()).status_code == 201
+    store = IndexStore.open(index_dir)
+    try:
+        assert store.generation == gen0 + 1 and len(store) == 13
+        assert store.info()["pending_changes"] == 0
+    finally:
+        store.close()
