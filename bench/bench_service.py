@@ -1,34 +1,41 @@
 """Load test of the real service on 127.0.0.1, against baselines measured in the same run.
 
-What runs (each server is a separate uvicorn process, started and stopped in turn):
+Servers (separate uvicorn processes, all started up front, measured in interleaved rounds so a
+change of load on this shared machine hits every configuration alike):
 
-* ``service``        — ``lookalike serve`` as shipped: decode pool, dedicated inference thread,
-                        micro-batching (``--max-batch``, ``--batch-wait-ms``), search thread;
+* ``service``         — ``lookalike serve`` as shipped: decode pool, one dedicated inference
+                        thread, micro-batching (``--max-batch``, ``--batch-wait-ms``), search thread;
 * ``service-nobatch`` — the same with ``max_batch=1`` (no micro-batching);
-* ``naive``          — :mod:`bench.naive_server`: decode + embed + search inline in an ``async def``
-                        handler, library-default threads; its ``/empty`` endpoint gives the floor
-                        cost of HTTP + multipart for an upload.
+* ``service[b]``      — the service on another backend (``--also-backends onnx``), to pick the default;
+* ``naive``, ``naive[1 thr]`` — :mod:`bench.naive_server`: decode + embed + search inline in an
+                        ``async def`` handler, with library-default threads and with 1 thread
+                        (``--naive-threads``); ``naive /empty`` only reads the upload: the floor
+                        cost of HTTP + multipart.
 
 Client: ``concurrency`` keep-alive connections sharing a fixed number of requests (the same
 query bodies, encoded once), after a warm-up; a minimal asyncio HTTP/1.1 client by default
-(``--client httpx`` for ``httpx.AsyncClient``, which adds ~1 ms of client time per request here). Reported per server and
-concurrency (1 and 8 by default): p50/p95/p99 latency and QPS.
+(``--client httpx`` for ``httpx.AsyncClient``, which adds ~1 ms of client time per request
+here). A server's share of a round stops after ``--cell-seconds`` (a collapsed server does
+fewer requests; the count is printed). Per server and concurrency (1 and 8): p50/p95/p99, QPS,
+and the service's own stage timings read from its /metrics.
 
-Baselines in the same run, same images, same model and index:
+Baselines in the same run, same images, model and index:
 
-* in-process decode + preprocess + embed (batch 1) + search, one image at a time, with the
-  thread counts the service uses (1 torch / ONNX Runtime thread, 1 FAISS thread), by stage;
+* in-process decode + preprocess + embed (batch 1) + search, one image at a time, in its own
+  process with the service's thread counts (1 torch / ONNX Runtime thread, 1 FAISS thread);
 * backends in-process: torch fp32, torch bf16 autocast (when the CPU has it), ONNX Runtime, at
-  batch 1 and 8, to pick the service default.
+  batch 1 and 8.
 
 Targets: HTTP + framework overhead of ``service`` at concurrency 1 (p50 minus in-process p50)
-<= 15% of the in-process time; ``service`` QPS at concurrency 8 >= 1.6x the naive server's.
+<= 15% of the in-process time (also given on the same requests: client mean minus the
+service's decode + forward + search); ``service`` QPS at concurrency 8 >= 1.6x the best naive.
 
 Model: an untrained seeded resnet18 (timing does not depend on training) at ``--image-size``
-over ``--index-size`` synthetic unit vectors (plus the query images). Queries: cub100 images.
+over ``--index-size`` synthetic unit vectors plus the query images. Queries: cub100 images.
 
-    python bench/bench_service.py                         # full: 100k vectors, 200 requests/level
-    python bench/bench_service.py --quick                 # ~1 min smoke run
+    python bench/bench_service.py                         # 100k vectors, 150 requests/level (~2 min)
+    python bench/bench_service.py --also-backends onnx    # + the service on ONNX Runtime (~3 min)
+    python bench/bench_service.py --quick                 # 10k vectors (~40 s)
 """
 
 from __future__ import annotations
