@@ -211,7 +211,7 @@ class MicroBatcher:
         return Ticket(self)
 
     # ---- queries ----------------------------------------------------------------------------
-    async def _submit(self, ticket: Ticket, item, k: int, executor):
+    async def _submit(self, ticket: Ticket, item, k: int, executor, inline: bool = True):
         if not self._accepting:
             raise NotRunning("service is stopping")
         loop = asyncio.get_running_loop()
@@ -237,7 +237,7 @@ class MicroBatcher:
                 return
             self._queue.put(job)
 
-        if executor is None or self._idle():
+        if executor is None or (inline and self._idle()):
             # Nothing else for the model to do: the inference thread prepares the input itself,
             # one thread hand-off fewer than going through the decode pool.
             job.prepare = item
@@ -250,12 +250,15 @@ class MicroBatcher:
     def _idle(self) -> bool:
         return not self._busy and self._queue.empty() and self._incoming <= 1
 
-    async def search(self, ticket: Ticket, item, k: int, *, executor=None) -> tuple[np.ndarray, list]:
+    async def search(self, ticket: Ticket, item, k: int, *, executor=None,
+                     inline: bool = True) -> tuple[np.ndarray, list]:
         """Embed one image and search it.
 
         Args:
             item: (3, S, S) float32 from :class:`models.preprocess.Preprocess`, or a zero-argument
-                callable returning it (e.g. decode + preprocess), run in ``executor``.
+                callable returning it (e.g. decode + preprocess), run in ``executor``, or by the
+                inference thread itself when it is idle and ``inline`` (pass False for inputs
+                slow to prepare, so they never hold up the model).
             k: hits wanted (>= 1).
 
         Returns:
@@ -263,11 +266,11 @@ class MicroBatcher:
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        return await self._submit(ticket, item, k, executor)
+        return await self._submit(ticket, item, k, executor, inline)
 
-    async def embed(self, ticket: Ticket, item, *, executor=None) -> np.ndarray:
+    async def embed(self, ticket: Ticket, item, *, executor=None, inline: bool = True) -> np.ndarray:
         """Embed one image (array or callable, as in :meth:`search`) -> (D,) float32 unit vector."""
-        vector, _ = await self._submit(ticket, item, 0, executor)
+        vector, _ = await self._submit(ticket, item, 0, executor, inline)
         return vector
 
     async def run_in_search_thread(self, fn: Callable[[], Any]) -> Any:

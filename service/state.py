@@ -31,6 +31,10 @@ from service.uploads import decode_to_input
 
 log = logging.getLogger(__name__)
 
+#: Uploads up to this size may be decoded by an idle inference thread itself (one hand-off
+#: fewer); larger ones always go to the decode pool so a slow decode never holds up the model.
+INLINE_DECODE_MAX_BYTES = 1024 * 1024
+
 BackendFactory = Callable[[], Any]
 IndexOpener = Callable[[Any, bool], Any]  # (card, writable) -> IndexStore
 
@@ -250,12 +254,14 @@ class ServiceState:
 
     async def search_upload(self, ticket: Ticket, data: bytes, k: int) -> list:
         """Decode, embed and search an uploaded image -> at most ``k`` hits."""
-        _, hits = await self.batcher.search(ticket, self._prepare(data), k, executor=self.decode_pool)
+        _, hits = await self.batcher.search(ticket, self._prepare(data), k, executor=self.decode_pool,
+                                            inline=len(data) <= INLINE_DECODE_MAX_BYTES)
         return hits
 
     async def embed_upload(self, ticket: Ticket, data: bytes) -> np.ndarray:
         """Decode and embed an uploaded image -> (D,) float32 unit vector."""
-        return await self.batcher.embed(ticket, self._prepare(data), executor=self.decode_pool)
+        return await self.batcher.embed(ticket, self._prepare(data), executor=self.decode_pool,
+                                        inline=len(data) <= INLINE_DECODE_MAX_BYTES)
 
     async def search_thread(self, fn: Callable[[], Any]) -> Any:
         try:

@@ -304,3 +304,26 @@ def test_prepare_runs_in_the_idle_inference_thread_else_in_the_executor(model_di
     assert seen == ["lookalike-infer", "decode_0"], seen
     assert len(hits) == 2
     np.testing.assert_allclose(vec, singles[0], atol=2e-5)
+
+
+def test_inline_false_always_prepares_in_the_executor(model_dir, store, inputs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    arrays, _ = inputs
+    seen = []
+
+    def prepare():
+        seen.append(threading.current_thread().name)
+        return arrays[0]
+
+    async def go(mb, pool):
+        with mb.admit() as t:
+            await mb.search(t, prepare, 1, executor=pool, inline=False)
+
+    mb, _, _ = start(model_dir, store)
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+        try:
+            asyncio.run(go(mb, pool))
+        finally:
+            mb.stop()
+    assert seen == ["decode_0"]
