@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,15 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, help="queries per forward pass, 1 = no micro-batching")
     p.add_argument("--batch-wait-ms", type=float, help="longest wait to fill a batch")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--no-reexec", action="store_true",
+                   help="serve in this process even if torch was already imported here (slower torch forward)")
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-    from pydantic import ValidationError
-
-    from service.app import create_app
-    from service.settings import Settings
+    from service.server import load_settings, reexec_clean, run, torch_imported_here
 
     overrides = {
         name: getattr(args, name)
@@ -42,36 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["writes_enabled"] = False
     if args.access_log:
         overrides["access_log"] = True
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"invalid settings: {msgs}") from None
-    for name, value in (("model", settings.model_dir), ("index", settings.index_dir)):
-        if value is None:
-            raise ValueError(f"no {name} directory: pass --{name} or set LOOKALIKE_{name.upper()}_DIR")
-        if not value.is_dir():
-            raise FileNotFoundError(f"{value}: {name} directory not found")
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        workers=1,  # one process: one model copy, one index writer
-        access_log=settings.access_log,
-        limit_concurrency=settings.limit_concurrency,
-        timeout_keep_alive=settings.timeout_keep_alive,
-        log_config=None,  # keep the lookalike CLI's logging setup
-        lifespan="on",
-        server_header=False,
-    )
-    server = uvicorn.Server(config)
-    try:
-        server.run()
-    except SystemExit:  # uvicorn exits with status 3 when the lifespan fails
-        if getattr(server, "started", False):
-            raise
-    if not getattr(server, "started", False):
-        reason = app.state.lookalike.error or "see the log above"
-        raise RuntimeError(f"the service did not start: {reason}")
-    return 0
+    settings = load_settings(**overrides)  # bad settings are reported here, before any exec
+    if torch_imported_here() and not args.no_reexec:
+        if getattr(args, "verbose", False):
+            os.environ["LOOKALIKE_LOG"] = "DEBUG"
+        reexec_clean(overrides)  # does not return
+    return run(settings)

@@ -79,6 +79,30 @@ def test_serve_reports_a_failed_start(monkeypatch, capsys, tmp_path, model_dir):
 
     monkeypatch.setenv("LOOKALIKE_API_KEY", "k" * 20)
     (tmp_path / "empty-index").mkdir()
-    rc = main(["serve", "--model", str(model_dir), "--index", str(tmp_path / "empty-index"), "--port", "0"])
+    rc = main(["serve", "--model", str(model_dir), "--index", str(tmp_path / "empty-index"), "--port", "0",
+               "--no-reexec"])
     assert rc == 2
     assert "did not start" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_reexecs_when_torch_is_already_imported(tmp_path, model_dir):
+    """With torch imported by the main thread, ``serve`` execs ``python -m service`` (same PID),
+    which reports a failed start like the CLI does."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "empty-index").mkdir()
+    code = ("import os, sys, torch; print(os.getpid(), flush=True); from lookalike.cli import main; "
+            f"sys.exit(main(['serve', '--model', {str(model_dir)!r}, '--index', {str(tmp_path / 'empty-index')!r}, "
+            "'--port', '0']))")
+    env = dict(os.environ, LOOKALIKE_API_KEY="k" * 20, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "lookalike: error: the service did not start" in proc.stderr
+    assert "not a lookalike index" in proc.stderr
+    pid = proc.stdout.split()[0]
+    assert f"python -m service (pid {pid}): torch imported: False" in proc.stderr  # same process, new interpreter
