@@ -318,7 +318,7 @@ def naive_cmd(model_dir: Path, index_dir: Path, port: int, backend: str, threads
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return [sys.executable, str(REPO / "bench" / "naive_server.py"), "--model", str(model_dir), "--index",
-            str(index_dir), "--port", str(port), "--backend", backend], env
+            str(index_dir), "--port", str(port), "--backend", backend, "--threads", str(threads)], env
 
 
 def make_bodies(datas: list[bytes], k: int) -> list[tuple[bytes, dict]]:

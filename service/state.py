@@ -40,30 +40,20 @@ IndexOpener = Callable[[Any, bool], Any]  # (card, writable) -> IndexStore
 
 
 def resolve_backend_name(settings: Settings) -> str:
-    """``torch`` or ``onnx`` for ``settings.backend``; ``auto`` picks by measurement (bench_service):
+    """``torch`` or ``onnx`` for ``settings.backend``; ``auto`` picks ONNX Runtime when the model has
+    an ONNX export, else torch.
 
-    * torch with bf16 autocast when the CPU has native bf16 (AVX512-BF16 / AMX): its batched
-      forward is the fastest per image (resnet18 128 px, 1 thread: 3.9 ms/image at batch 8 vs
-      5.1 for ONNX Runtime), which is what raises throughput under concurrent load;
-    * otherwise ONNX Runtime when the model has an ONNX export (faster than torch fp32 at batch
-      1 and 8: 6.4 vs 12.2 ms and 40.7 vs 49.3 ms), and the only choice without torch installed;
-    * otherwise torch.
+    Measured with bench/bench_service.py (resnet18 128 px, 100k vectors, 2 shared cores, the two
+    services in the same interleaved rounds): ONNX Runtime answers one client faster (p50 12.5
+    vs 16.7 ms for torch with bf16 autocast) and serves 8 clients as fast (122 vs 120 QPS);
+    it is fp32-exact (2e-7 from torch fp32; bf16 moves vectors by ~1e-3) and needs no torch.
     """
     if settings.backend != "auto":
         return settings.backend
-    import importlib.util
-
     from models.backends import ONNX_FILE
     from models.io import resolve_model_dir
 
-    has_onnx = (resolve_model_dir(settings.model_dir) / ONNX_FILE).is_file()
-    if importlib.util.find_spec("torch") is None:
-        return "onnx"
-    from models.backends import bf16_supported
-
-    if settings.bf16 is not False and bf16_supported():
-        return "torch"
-    return "onnx" if has_onnx else "torch"
+    return "onnx" if (resolve_model_dir(settings.model_dir) / ONNX_FILE).is_file() else "torch"
 
 
 def default_backend_factory(settings: Settings) -> BackendFactory:
