@@ -40,20 +40,33 @@ IndexOpener = Callable[[Any, bool], Any]  # (card, writable) -> IndexStore
 
 
 def resolve_backend_name(settings: Settings) -> str:
-    """``torch`` or ``onnx`` for ``settings.backend``; ``auto`` picks ONNX Runtime when the model has
-    an ONNX export, else torch.
+    """``torch`` or ``onnx`` for ``settings.backend``. ``auto`` (by measurement, bench_service.py):
 
-    Measured with bench/bench_service.py (resnet18 128 px, 100k vectors, 2 shared cores, the two
-    services in the same interleaved rounds): ONNX Runtime answers one client faster (p50 12.5
-    vs 16.7 ms for torch with bf16 autocast) and serves 8 clients as fast (122 vs 120 QPS);
-    it is fp32-exact (2e-7 from torch fp32; bf16 moves vectors by ~1e-3) and needs no torch.
+    * torch with bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX). Under 8 clients it
+      served as many or more queries than ONNX Runtime in 4 of 5 interleaved head-to-head runs
+      (e.g. 157 vs 154 QPS, p95 58.7 vs 67.0 ms), because its batched forward is the cheapest
+      per image (3.7 ms at batch 8 vs 5.1), and it embeds exactly like ``lookalike index build``
+      (torch, bf16 when supported). ONNX Runtime answers a lone client faster (p50 11.8 vs
+      16.0 ms): choose it with ``LOOKALIKE_BACKEND=onnx`` when latency at low load matters most.
+    * otherwise ONNX Runtime when the model has an ONNX export (faster than torch fp32 at batch
+      1 and 8: 6.2 vs 12.2 ms, 40.4 vs 47.8 ms), and always when torch is not installed;
+    * otherwise torch.
     """
     if settings.backend != "auto":
         return settings.backend
+    import importlib.util
+
     from models.backends import ONNX_FILE
     from models.io import resolve_model_dir
 
-    return "onnx" if (resolve_model_dir(settings.model_dir) / ONNX_FILE).is_file() else "torch"
+    has_onnx = (resolve_model_dir(settings.model_dir) / ONNX_FILE).is_file()
+    if importlib.util.find_spec("torch") is None:
+        return "onnx"
+    from models.backends import bf16_supported
+
+    if settings.bf16 is not False and bf16_supported():
+        return "torch"
+    return "onnx" if has_onnx else "torch"
 
 
 def default_backend_factory(settings: Settings) -> BackendFactory:

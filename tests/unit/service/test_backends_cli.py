@@ -34,13 +34,18 @@ def test_onnx_and_torch_give_the_same_answers(make_client, onnx_model_dir):
         assert a["model"] == b["model"]
 
 
-def test_auto_backend_prefers_onnx_when_exported(make_settings, model_dir, onnx_model_dir):
+def test_auto_backend_choice(make_settings, model_dir, onnx_model_dir, monkeypatch):
+    import models.backends as mb
     from service.state import resolve_backend_name
 
-    assert resolve_backend_name(make_settings(backend="auto", model_dir=onnx_model_dir)) == "onnx"
+    monkeypatch.setattr(mb, "bf16_supported", lambda: True)
+    assert resolve_backend_name(make_settings(backend="auto", bf16=None, model_dir=onnx_model_dir)) == "torch"
+    assert resolve_backend_name(make_settings(backend="auto", bf16=False, model_dir=onnx_model_dir)) == "onnx"
+    monkeypatch.setattr(mb, "bf16_supported", lambda: False)
+    assert resolve_backend_name(make_settings(backend="auto", bf16=None, model_dir=onnx_model_dir)) == "onnx"
     if not (model_dir / "model.onnx").exists():
-        assert resolve_backend_name(make_settings(backend="auto", model_dir=model_dir)) == "torch"
-    assert resolve_backend_name(make_settings(backend="torch", model_dir=onnx_model_dir)) == "torch"
+        assert resolve_backend_name(make_settings(backend="auto", bf16=None, model_dir=model_dir)) == "torch"
+    assert resolve_backend_name(make_settings(backend="onnx", model_dir=model_dir)) == "onnx"
 
 
 def test_serve_is_registered():
