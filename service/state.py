@@ -42,12 +42,12 @@ IndexOpener = Callable[[Any, bool], Any]  # (card, writable) -> IndexStore
 def resolve_backend_name(settings: Settings) -> str:
     """``torch`` or ``onnx`` for ``settings.backend``. ``auto`` (by measurement, bench_service.py):
 
-    * torch with bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX). Under 8 clients it
-      served as many or more queries than ONNX Runtime in 4 of 5 interleaved head-to-head runs
-      (e.g. 157 vs 154 QPS, p95 58.7 vs 67.0 ms), because its batched forward is the cheapest
-      per image (3.7 ms at batch 8 vs 5.1), and it embeds exactly like ``lookalike index build``
-      (torch, bf16 when supported). ONNX Runtime answers a lone client faster (p50 11.8 vs
-      16.0 ms): choose it with ``LOOKALIKE_BACKEND=onnx`` when latency at low load matters most.
+    * torch with bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX): it embeds exactly
+      like ``lookalike index build`` (torch, bf16 when supported), its batched forward is the
+      cheapest per image (3.7 ms at batch 8 vs 5.1 for ONNX Runtime), and under 8 clients it
+      served as many queries as ONNX Runtime (6 interleaved head-to-head runs: -1.5% to +13%,
+      median +2%). ONNX Runtime answers a lone client faster (p50 12.6 vs 17.3 ms): choose it
+      with ``LOOKALIKE_BACKEND=onnx`` when latency at low load matters most.
     * otherwise ONNX Runtime when the model has an ONNX export (faster than torch fp32 at batch
       1 and 8: 6.2 vs 12.2 ms, 40.4 vs 47.8 ms), and always when torch is not installed;
     * otherwise torch.
