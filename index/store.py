@@ -132,8 +132,12 @@ class IndexStore:
         return store
 
     @classmethod
-    def open(cls, directory: str | Path, *, card=None, writable: bool = False) -> "IndexStore":
+    def open(cls, directory: str | Path, *, card=None, writable: bool = False,
+             images_root: str | Path | None = None) -> "IndexStore":
         """Open an index; with ``card`` its fingerprint must match; ``writable`` takes the lock.
+
+        ``images_root`` overrides, for this process only, where the indexed folder's images are
+        (e.g. where a container mounts them); the stored root is unchanged.
 
         Raises:
             FileNotFoundError: not an index.
@@ -162,6 +166,8 @@ class IndexStore:
             lock.acquire()
         try:
             store = cls(d, config, MetadataDB(d / DB_FILE, readonly=not writable), lock=lock)
+            if images_root is not None:
+                store.images_root = Path(images_root)
             store._load()
         except BaseException:
             if lock is not None:

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     # --- what to serve -------------------------------------------------------------------------
     model_dir: Path | None = Field(None, description="model or training-run directory (card.json + weights)")
     index_dir: Path | None = Field(None, description="index directory made by `lookalike index build`")
+    images_root: Path | None = Field(
+        None, description="where the indexed folder's images are, if not where the index was built (e.g. a container mount)"
+    )
     backend: Literal["auto", "torch", "onnx"] = Field(
         "auto",
         description="inference backend; 'auto' = torch with bf16 autocast on CPUs with native bf16 "

@@ -96,7 +96,7 @@ def default_index_opener(settings: Settings) -> IndexOpener:
     def open_index(card, writable: bool):
         from index import IndexStore
 
-        return IndexStore.open(settings.index_dir, card=card, writable=writable)
+        return IndexStore.open(settings.index_dir, card=card, writable=writable, images_root=settings.images_root)
 
     return open_index
 

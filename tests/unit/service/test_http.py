@@ -187,3 +187,23 @@ def test_similar_by_id(ro_client):
 def test_readyz_reports_model_and_index(ro_client):
     body = ro_client.get("/readyz").json()
     assert body["status"] == "ready" and body["index_size"] == 12 and body["backend"] == "torch"
+
+
+def test_images_root_override_serves_from_the_mount(model_dir, template_index, images_root, tmp_path):
+    """LOOKALIKE_IMAGES_ROOT: the folder was moved (or is mounted elsewhere in a container)."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    moved = tmp_path / "mounted"
+    shutil.copytree(images_root, moved)
+    other = next(p for p in sorted(images_root.rglob("*.jpg")) if p != images_root / "crow" / "000.jpg")
+    (moved / "crow" / "000.jpg").write_bytes(other.read_bytes())  # tell the two roots apart
+    s = Settings(model_dir=model_dir, index_dir=template_index, writes_enabled=False, backend="torch", bf16=False,
+                 decode_threads=1, images_root=moved)
+    with TestClient(create_app(s)) as c:
+        resp = c.get("/v1/images/1")
+    assert resp.status_code == 200 and resp.content == (moved / "crow" / "000.jpg").read_bytes()
