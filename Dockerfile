@@ -14,12 +14,11 @@
 #   docker build --target train --build-arg TORCH_VARIANT=cpu -t lookalike:train .
 #   docker run --gpus all -v "$PWD/data:/data:ro" -v "$PWD/runs:/runs" lookalike:train train ...
 #
-# The service runs as UID:GID 10001:10001. /index must be writable by the user the container runs
-# as, also for read-only serving (the index's SQLite database is opened for writing), e.g.
-# `chown -R 10001:10001 runs/demo/index` or run with `--user "$(id -u):$(id -g)"`.
-# Image URLs (GET /v1/images/{id}) read the files under the images root the index was built from,
-# an absolute path stored in the index: mount those images read-only at that same path (an index
-# built inside the train image from /data/images wants `-v "$PWD/data:/data:ro"`).
+# The service runs as UID:GID 10001:10001. With writes enabled /index must be writable by that
+# user (`chown -R 10001:10001 runs/demo/index` or `--user "$(id -u):$(id -g)"`); read-only serving
+# (LOOKALIKE_WRITES_ENABLED=false) works from a `:ro` index mount.
+# Image URLs (GET /v1/images/{id}) read the indexed folder's files: mount it read-only and point
+# LOOKALIKE_IMAGES_ROOT at the mount (e.g. `-v "$PWD/data/images:/images:ro" -e LOOKALIKE_IMAGES_ROOT=/images`).
 # Every service setting is an environment variable LOOKALIKE_<NAME> (see service/settings.py).
 
 # ---- base: the runtime shared by both targets ----------------------------------------------------
