@@ -36,3 +36,17 @@ def make_image_folder(root: Path, *, n_classes: int = 6, per_class: int = 8, siz
             fmt = "PNG" if i % 4 == 0 else "JPEG"
             Image.fromarray(arr).save(d / f"{i:03d}.{'png' if fmt == 'PNG' else 'jpg'}", format=fmt)
     return root
+
+
+def save_seeded_model(directory: Path, *, embedding_dim: int = 32, image_size: int = 64, resize_size: int = 72,
+                      seed: int = 0) -> Path:
+    """Save a seeded, untrained resnet18 EmbeddingNet (weights + card) into ``directory``."""
+    import torch
+
+    from models import ModelCard, save_model
+    from models.net import EmbeddingNet
+
+    torch.manual_seed(seed)
+    card = ModelCard(backbone="resnet18", embedding_dim=embedding_dim, image_size=image_size, resize_size=resize_size)
+    save_model(EmbeddingNet(card), directory)
+    return Path(directory)

@@ -32,15 +32,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def e2e_model(tmp_path_factory) -> Path:
-    import torch
+    from tests.helpers import save_seeded_model
 
-    from models import ModelCard, save_model
-    from models.net import EmbeddingNet
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("e2e-model") / "m"
-    save_model(EmbeddingNet(ModelCard(backbone="resnet18", embedding_dim=32, image_size=64, resize_size=72)), d)
-    return d
+    return save_seeded_model(tmp_path_factory.mktemp("e2e-model") / "m")
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    import torch
+    from tests.helpers import save_seeded_model
 
-    from models import ModelCard, save_model
-    from models.net import EmbeddingNet
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("cubmodel") / "m"
-    save_model(EmbeddingNet(ModelCard(backbone="resnet18", embedding_dim=128, image_size=112, resize_size=128)), d)
-    return d
+    return save_seeded_model(tmp_path_factory.mktemp("cubmodel") / "m", embedding_dim=128, image_size=112,
+                             resize_size=128)
 
 
 def test_index_cub100_test_classes_and_find_every_image_first(cub100, model_dir, tmp_path):

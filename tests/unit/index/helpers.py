@@ -53,11 +53,6 @@ def write_images(root: Path, classes: dict[str, int], *, seed: int = 0, size=(80
 
 def save_tiny_model(directory: Path) -> Path:
     """Save a seeded, untrained resnet18 at 64 px with 32-d embeddings (with its card)."""
-    import torch
+    from tests.helpers import save_seeded_model
 
-    from models import save_model
-    from models.net import EmbeddingNet
-
-    torch.manual_seed(0)
-    save_model(EmbeddingNet(ModelCard(backbone="resnet18", embedding_dim=32, image_size=64, resize_size=72)), directory)
-    return Path(directory)
+    return save_seeded_model(directory)

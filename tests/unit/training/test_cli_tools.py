@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from lookalike.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from helpers import make_image_folder  # noqa: E402
+from tests.helpers import make_image_folder
 
 TINY = ["--data.train_classes", "null", "--data.test_classes", "null", "--data.test_fraction", "0.34",
         "--data.p", "3", "--data.k", "3", "--model.image_size", "32", "--model.embedding_dim", "16",

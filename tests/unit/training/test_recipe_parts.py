@@ -12,11 +12,8 @@ from training.config import TrainConfig, load_config, parse_override
 from training.data import PKSampler, make_splits
 from training.trainer import OPTIMIZERS, AuxClassifier, CollapseMonitor, build_optimizer, lr_lambda_factory
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from helpers import make_image_folder  # noqa: E402
+from tests.helpers import make_image_folder
 
 
 def test_config_defaults_valid_and_digest_stable():
@@ -125,7 +122,7 @@ def test_aux_head_learns(kind):
     labels = torch.arange(32) % 4
     head = AuxClassifier(8, 4, kind)
     opt = torch.optim.Adam(head.parameters(), 0.05)
-    first = float(head(emb, labels))
+    first = float(head(emb, labels).detach())
     for _ in range(100):
         opt.zero_grad()
         loss = head(emb, labels)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ from safetensors.torch import load_file
 from training.config import load_config
 from training.trainer import train
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from helpers import make_image_folder  # noqa: E402
+from tests.helpers import make_image_folder
 
 
 @pytest.fixture(scope="module")
