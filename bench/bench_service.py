@@ -331,6 +331,19 @@ def make_bodies(datas: list[bytes], k: int) -> list[tuple[bytes, dict]]:
     return out
 
 
+async def _measure(url: str, run, n: int, warmup: int) -> dict:
+    """Warm up, then time ``n`` requests with ``run(count, latencies, status_counts) -> wall_s``;
+    every measured request must have answered 200."""
+    if warmup:
+        await run(warmup, [], {})
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    wall = await run(n, lat, codes) if n else 0.0
+    if n and set(codes) != {200}:
+        raise RuntimeError(f"{url}: not every request succeeded: {codes}")
+    return {"latencies": lat, "wall_s": wall, "status": {str(k): v for k, v in sorted(codes.items())}}
+
+
 async def _load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n: int, warmup: int) -> dict:
     """``n`` requests through ``concurrency`` connections (after ``warmup`` unrecorded ones)."""
     import httpx
@@ -353,14 +366,7 @@ async def _load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             return time.perf_counter() - t0
 
-        if warmup:
-            await run(warmup, [], {})
-        lat: list[float] = []
-        codes: dict[int, int] = {}
-        wall = await run(n, lat, codes) if n else 0.0
-    if n and set(codes) != {200}:
-        raise RuntimeError(f"{url}: not every request succeeded: {codes}")
-    return {"latencies": lat, "wall_s": wall, "status": {str(k): v for k, v in sorted(codes.items())}}
+        return await _measure(url, run, n, warmup)
 
 
 async def _raw_load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, n: int, warmup: int,
@@ -401,14 +407,7 @@ async def _raw_load(url: str, bodies: list[tuple[bytes, dict]], concurrency: int
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - t0
 
-    if warmup:
-        await run(warmup, [], {})
-    lat: list[float] = []
-    codes: dict[int, int] = {}
-    wall = await run(n, lat, codes) if n else 0.0
-    if n and set(codes) != {200}:
-        raise RuntimeError(f"{url}: not every request succeeded: {codes}")
-    return {"latencies": lat, "wall_s": wall, "status": {str(k): v for k, v in sorted(codes.items())}}
+    return await _measure(url, run, n, warmup)
 
 
 CLIENT = "raw"
