@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     load_in_background: bool = Field(
         False, description="start answering (503 until ready) while the model and index load"
     )
+    refresh_interval_s: float = Field(
+        5.0, ge=0.0, description="read-only servers: pick up another process's index writes this often (0 = never)"
+    )
     checkpoint_every: int = Field(
         1000, ge=0, description="publish a new index generation after this many writes (0 = only at shutdown)"
     )

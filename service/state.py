@@ -124,6 +124,7 @@ class ServiceState:
         self._writes_since_checkpoint = 0
         self._dirty = False
         self._load_task: asyncio.Task | None = None
+        self._refresh_task: asyncio.Task | None = None
         metrics.bind(
             queue_depth=lambda: self.batcher.queue_depth if self.batcher else 0,
             pending=lambda: self.batcher.pending if self.batcher else 0,
@@ -193,15 +194,36 @@ class ServiceState:
             raise RuntimeError("self-check failed: a non-empty index returned no hit")
         self.ready = True
         self.metrics.ready.set(1)
+        if not self.writable and s.refresh_interval_s > 0:
+            self._refresh_task = asyncio.create_task(self._refresh_loop(s.refresh_interval_s))
         log.info("ready in %.1fs: backend=%s, model=%s…, index size=%d, generation=%d, writable=%s",
                  time.perf_counter() - t0, self.backend_name, self.fingerprint[:12], len(self.store),
                  self.store.generation, self.writable)
+
+    async def _refresh_loop(self, interval_s: float) -> None:
+        """Read-only server: apply adds/deletes another process (a batch job, a writer) committed.
+
+        Runs on the write thread, so it never blocks the event loop; searches keep going (the
+        index applies a change under its write lock, so each search sees it whole or not at all).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                changed = await loop.run_in_executor(self.write_pool, self.store.refresh)
+            except Exception as exc:  # noqa: BLE001 - keep serving the last good state
+                log.warning("index refresh failed (still serving the previous state): %s", exc)
+                continue
+            if changed:
+                log.info("index refreshed: %s ids changed, size %d", "all" if changed < 0 else changed, len(self.store))
 
     async def stop(self) -> None:
         """Stop taking queries, finish in-flight work, checkpoint writes, release the index lock."""
         self.ready = False
         self.stopping = True
         self.metrics.ready.set(0)
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self.decode_pool is not None:  # decodes finish (and queue their jobs) before the batcher stops
