@@ -8,6 +8,7 @@ writer with concurrent searches, and the batch job that indexes folders of image
 from index.errors import CorruptIndexError, IndexError_, IndexLockedError, IndexStoreError, ModelMismatchError
 from index.records import ImageRecord, SearchHit
 from index.store import IndexStore
+from models.lazy import lazy_getattr
 
 _LAZY = {
     "IngestReport": "index.ingest",
@@ -15,13 +16,7 @@ _LAZY = {
     "Embedder": "index.ingest",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'index' has no attribute {name!r}")
+__getattr__ = lazy_getattr("index", _LAZY)
 
 
 __all__ = [

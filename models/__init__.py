@@ -6,6 +6,7 @@ serving install can run with ONNX Runtime alone; torch-backed names load lazily.
 
 from models.card import CARD_FILE, WEIGHTS_FILE, ModelCard, compute_fingerprint
 from models.decode import DEFAULT_LIMITS, DecodeLimits, ImageDecodeError, decode_image
+from models.lazy import lazy_getattr
 from models.preprocess import Preprocess
 
 _LAZY = {
@@ -29,13 +30,7 @@ _LAZY = {
     "export_onnx": "models.export",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
+__getattr__ = lazy_getattr("models", _LAZY)
 
 
 __all__ = [

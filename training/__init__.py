@@ -6,6 +6,8 @@ only serves must not initialise torch in its main thread (a forward pass from an
 then ran 1.7x slower here).
 """
 
+from models.lazy import lazy_getattr
+
 _LAZY = {
     "TrainConfig": "training.config",
     "load_config": "training.config",
@@ -25,13 +27,7 @@ _LAZY = {
     "train": "training.trainer",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'training' has no attribute {name!r}")
+__getattr__ = lazy_getattr("training", _LAZY)
 
 
 __all__ = list(_LAZY)
