@@ -48,8 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     common = {"epochs": args.epochs, "data.root": args.data, "eval_every": args.eval_every, "threads": args.threads}
-    recipes: dict[str, tuple] = {"ours_default": (None, None)}
-    recipes.update({k: v for k, v in pml_recipes().items()})
+    recipes = {"ours_default": None, **pml_recipes()}
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
@@ -58,13 +57,10 @@ def main() -> None:
             continue
         run = Path(args.workdir) / name
         shutil.rmtree(run, ignore_errors=True)
-        cfg = load_config(REPO / "training/configs/default.yaml", {**common, "out": str(run)})
-        if name != "ours_default":
-            # PML rows: the setting — no auxiliary head, PML loss + miner in our loop
-            cfg = load_config(REPO / "training/configs/default.yaml", {**common, "out": str(run), "loss.aux": "none"})
-            loss_fn, miner = make()
-        else:
-            loss_fn, miner = None, None
+        # PML rows: the setting — no auxiliary head, PML loss + miner in our loop
+        pml_only = {"loss.aux": "none"} if make is not None else {}
+        cfg = load_config(REPO / "training/configs/default.yaml", {**common, "out": str(run), **pml_only})
+        loss_fn, miner = make() if make is not None else (None, None)
         t0 = time.time()
         res = train(cfg, progress=False, loss_fn=loss_fn, miner=miner)
         hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

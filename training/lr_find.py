@@ -7,7 +7,6 @@ the LR where the loss was lowest (a common, conservative rule).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
@@ -19,9 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from training.config import TrainConfig
-from training.data import ImageDataset, PKSampler, make_splits, should_cache
-from training.losses import build_loss
-from training.trainer import AuxClassifier, _param_groups, build_optimizer, card_from_config, loss_kwargs, resolve_device, use_bf16
+from training.data import PKSampler, should_cache
+from training.trainer import (_param_groups, aux_from_config, build_optimizer, card_from_config, loss_from_config,
+                              resolve_device, splits_from_config, train_dataset, use_bf16)
 from models.net import EmbeddingNet
 
 log = logging.getLogger(__name__)
@@ -37,17 +36,17 @@ def lr_range_test(cfg: TrainConfig, *, lr_min: float = 1e-6, lr_max: float = 1.0
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     bf16 = use_bf16(cfg.amp, device)
-    splits = make_splits(cfg.data.root, train_classes=cfg.data.train_classes, test_classes=cfg.data.test_classes,
-                         test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    splits = splits_from_config(cfg)
     card = card_from_config(cfg)
     cache = should_cache(len(splits["train"]), card, cfg.data.cache_images, cfg.data.cache_budget_mb)
-    ds = ImageDataset(splits["train"], card, train=True, cache=cache, scale_min=cfg.data.scale_min)
+    ds = train_dataset(cfg, splits["train"], card, cache=cache)
     sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k, batches_per_epoch=steps, seed=cfg.seed)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=0 if cache else cfg.data.workers)
     model = EmbeddingNet(card, backbone_weights=cfg.model.weights).to(device).train()
-    aux = AuxClassifier(card.embedding_dim, len(splits["train"].classes), cfg.loss.aux, cfg.loss.aux_temperature).to(device) if cfg.loss.aux != "none" else None
-    loss_fn = build_loss(cfg.loss.name, margin=cfg.loss.margin, distance=cfg.loss.distance, reduction=cfg.loss.reduction,
-                         **loss_kwargs(cfg))
+    aux = aux_from_config(cfg, len(splits["train"].classes))
+    if aux is not None:
+        aux = aux.to(device)
+    loss_fn = loss_from_config(cfg)
     opt = build_optimizer(cfg.optim.name, _param_groups(model, aux, cfg), lr=lr_min, weight_decay=cfg.optim.weight_decay,
                           momentum=cfg.optim.momentum)
     gamma = (lr_max / lr_min) ** (1 / (steps - 1))

@@ -180,6 +180,7 @@ def train_one_epoch(model: EmbeddingNet, loader: DataLoader, *, loss_fn: nn.Modu
         aux.train()
     totals = {"loss": 0.0, "metric_loss": 0.0, "aux_loss": 0.0}
     n_steps, n_images, t0 = 0, 0, time.perf_counter()
+    clip_params = [p for g in optimizer.param_groups for p in g["params"]] if grad_clip else []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress, mininterval=1)
     for images, labels in bar:
         images = images.to(device, non_blocking=True)
@@ -202,8 +203,7 @@ def train_one_epoch(model: EmbeddingNet, loader: DataLoader, *, loss_fn: nn.Modu
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            torch.nn.utils.clip_grad_norm_(clip_params, grad_clip)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -258,6 +258,32 @@ def card_from_config(cfg: TrainConfig) -> ModelCard:
     )
 
 
+def splits_from_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The class-disjoint train / (val) / test splits the config describes."""
+    d = cfg.data
+    return make_splits(d.root, train_classes=d.train_classes, test_classes=d.test_classes,
+                       test_fraction=d.test_fraction, val_fraction=d.val_fraction, seed=d.split_seed)
+
+
+def train_dataset(cfg: TrainConfig, split, card: ModelCard, *, cache: bool) -> ImageDataset:
+    """The augmented training view of ``split`` with the config's augmentation settings."""
+    return ImageDataset(split, card, train=True, cache=cache, scale_min=cfg.data.scale_min,
+                        color_jitter=cfg.data.color_jitter)
+
+
+def loss_from_config(cfg: TrainConfig) -> nn.Module:
+    """The metric loss the config names."""
+    return build_loss(cfg.loss.name, margin=cfg.loss.margin, distance=cfg.loss.distance,
+                      reduction=cfg.loss.reduction, **loss_kwargs(cfg))
+
+
+def aux_from_config(cfg: TrainConfig, num_classes: int) -> AuxClassifier | None:
+    """The auxiliary classification head, or None when ``loss.aux`` is ``none``."""
+    if cfg.loss.aux == "none":
+        return None
+    return AuxClassifier(cfg.model.embedding_dim, num_classes, cfg.loss.aux, cfg.loss.aux_temperature)
+
+
 def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """Loss-specific keyword arguments from the config."""
     if cfg.loss.name == "contrastive":
@@ -267,7 +293,6 @@ def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def _param_groups(model: EmbeddingNet, aux: nn.Module | None, cfg: TrainConfig) -> list[dict[str, Any]]:
     head_params = list(model.neck.parameters()) + list(model.head.parameters()) + (list(aux.parameters()) if aux else [])
-    head_ids = {id(p) for p in head_params}
     groups: list[dict[str, Any]] = []
     for params, mult in ((list(model.backbone.parameters()), 1.0), (head_params, cfg.optim.head_lr_mult)):
         decay = [p for p in params if p.ndim > 1]
@@ -278,7 +303,6 @@ def _param_groups(model: EmbeddingNet, aux: nn.Module | None, cfg: TrainConfig) 
     assert len({id(p) for g in groups for p in g["params"]}) == sum(1 for _ in model.parameters()) + (
         sum(1 for _ in aux.parameters()) if aux else 0
     ), "every parameter in exactly one group"
-    del head_ids
     return [g for g in groups if g["params"]]
 
 
@@ -321,9 +345,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     device = resolve_device(cfg.device)
     bf16 = use_bf16(cfg.amp, device)
 
-    splits = make_splits(cfg.data.root, train_classes=cfg.data.train_classes, test_classes=cfg.data.test_classes,
-                         test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction,
-                         seed=cfg.data.split_seed)
+    splits = splits_from_config(cfg)
     (run / "splits").mkdir(exist_ok=True)
     for name, split in splits.items():  # the class split, for indexing/evaluating exactly the held-out classes
         (run / "splits" / f"{name}_classes.txt").write_text("\n".join(split.classes) + "\n")
@@ -334,8 +356,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
              len(splits["train"].classes), len(splits["train"]),
              f"val {len(splits['val'].classes)} ({len(splits['val'])} images), " if "val" in splits else "",
              len(splits["test"].classes), len(splits["test"]), cache, device, bf16)
-    aug = {"scale_min": cfg.data.scale_min, "color_jitter": cfg.data.color_jitter}
-    train_ds = ImageDataset(splits["train"], card, train=True, cache=cache, **aug)
+    train_ds = train_dataset(cfg, splits["train"], card, cache=cache)
     eval_sets = {name: ImageDataset(splits[name], card, train=False, cache=cache) for name in ("val", "test") if name in splits}
     workers = 0 if cache else cfg.data.workers
     sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
@@ -346,12 +367,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     model = EmbeddingNet(card, backbone_weights=backbone_weights).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    aux = None
-    if cfg.loss.aux != "none":
-        aux = AuxClassifier(card.embedding_dim, len(splits["train"].classes), cfg.loss.aux, cfg.loss.aux_temperature).to(device)
+    aux = aux_from_config(cfg, len(splits["train"].classes))
+    if aux is not None:
+        aux = aux.to(device)
     injected_miner = miner
-    loss_fn = loss_fn if loss_fn is not None else build_loss(cfg.loss.name, margin=cfg.loss.margin, distance=cfg.loss.distance, reduction=cfg.loss.reduction,
-                         **loss_kwargs(cfg))
+    loss_fn = loss_fn if loss_fn is not None else loss_from_config(cfg)
     miner_margin = cfg.loss.miner_margin if cfg.loss.miner_margin is not None else cfg.loss.margin
     miner_kwargs: dict[str, Any] = {"distance": cfg.loss.distance}
     if cfg.loss.miner in ("semi_hard", "batch_all"):
