@@ -60,6 +60,26 @@ class InferenceBackend(ABC):
         return self.card.embedding_dim
 
 
+def cpu_info() -> dict:
+    """This machine's CPU, for speed figures: model name, cores, the SIMD flags that matter, native bf16."""
+    import os
+
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": model, "cores": os.cpu_count(), "flags": {f: f in flags for f in wanted},
+            "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
+
+
 def bf16_supported() -> bool:
     """True when this CPU has native bf16 (AVX512-BF16 or AMX), or a CUDA GPU supports it."""
     import torch

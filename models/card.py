@@ -33,7 +33,7 @@ class ModelCard:
         resize_size: the shorter side is resized to this before the centre crop.
         mean, std: per-channel normalisation of [0, 1] RGB.
         metric: always ``"cosine"`` (unit vectors, inner product).
-        head: ``"linear"`` or ``"mlp"``; ``head_hidden`` its hidden width; ``activation``
+        head: ``"none"`` (pooled features), ``"linear"`` or ``"mlp"``; ``head_hidden`` its hidden width; ``activation``
             the head's activation; ``neck_bn`` whether a BatchNorm sits before the
             projection.
         config_digest: sha256 of the resolved training config (empty if untrained).

@@ -53,11 +53,17 @@ def load_safetensors_state(path: str | Path) -> dict:
         raise ValueError(f"{p}: not a valid safetensors file ({exc})") from None
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    Readers see the old file or the new one, never a torn one. The file is made
+    world-readable (a service may run as another user than the trainer).
+    """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model must be readable by a service running as another user
@@ -80,10 +86,10 @@ def save_model(model, directory: str | Path) -> ModelCard:
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(state, metadata={"format": "pt"})
-    _atomic_write(d / WEIGHTS_FILE, lambda fh: fh.write(blob))
+    atomic_write(d / WEIGHTS_FILE, blob)
     card = dataclasses.replace(model.card, fingerprint="")
     card = dataclasses.replace(card, fingerprint=compute_fingerprint(d / WEIGHTS_FILE, card))
-    _atomic_write(d / CARD_FILE, lambda fh: fh.write(card.canonical_json(with_fingerprint=True).encode()))
+    atomic_write(d / CARD_FILE, card.canonical_json(with_fingerprint=True).encode())
     model.card = card
     return card
 
