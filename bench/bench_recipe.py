@@ -59,7 +59,7 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         # PML rows: the setting — no auxiliary head, PML loss + miner in our loop
         pml_only = {"loss.aux": "none"} if make is not None else {}
-        cfg = load_config(REPO / "training/configs/default.yaml", {**common, "out": str(run), **pml_only})
+        cfg = load_config(REPO / "training/configs/scratch.yaml", {**common, "out": str(run), **pml_only})
         loss_fn, miner = make() if make is not None else (None, None)
         t0 = time.time()
         res = train(cfg, progress=False, loss_fn=loss_fn, miner=miner)

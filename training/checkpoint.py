@@ -52,8 +52,12 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, aux: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int, config: dict[str, Any],
-                    history: list[dict[str, Any]]) -> Path:
-    """Save everything needed to resume after ``epoch`` (0-based, completed)."""
+                    history: list[dict[str, Any]], extra: dict[str, Any] | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save everything needed to resume after ``epoch`` (0-based, completed).
+
+    ``extra`` (JSON) and ``extra_tensors`` (e.g. the best epoch's weights) ride along.
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -62,6 +66,7 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, aux: torch
     opt_t, opt_meta = _flatten_optimizer(optimizer)
     tensors.update(opt_t)
     tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
     tmp = d / (STATE_TENSORS + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, d / STATE_TENSORS)
@@ -71,6 +76,7 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, aux: torch
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "config": config,
         "history": history,
+        **(extra or {}),
     }
     tmpj = d / (STATE_JSON + ".tmp")
     with open(tmpj, "w") as fh:

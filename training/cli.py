@@ -15,7 +15,8 @@ from pathlib import Path
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from training.config import flat_fields
 
-    p.add_argument("--config", help="YAML training config (defaults used for absent fields)")
+    p.add_argument("--config", help="YAML training config (default: the default recipe, training/configs/default.yaml; "
+                                    "training/configs/scratch.yaml trains from random weights)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (repeatable)")
     g = p.add_argument_group("config fields (each overrides the YAML)")
     for name, info in flat_fields().items():
@@ -32,21 +33,36 @@ def _config_from_args(args: argparse.Namespace):
     for key, val in vars(args).items():
         if key.startswith("cfg:"):
             overrides[key[4:]] = yaml.safe_load(val) if val.strip() else None
-    return load_config(args.config, overrides)
+    from training.config import DEFAULT_CONFIG
+
+    return load_config(args.config or DEFAULT_CONFIG, overrides)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(args)  # validated before torch is imported
     from training.trainer import train
 
-    cfg = _config_from_args(args)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    fin, unt = result["final"], result["untrained"]
     print(json.dumps(result, indent=2))
-    if "test/recall@1" in fin:
-        print(f"\nR@1 on held-out test classes: {100 * fin['test/recall@1']:.1f} (untrained "
-              f"{100 * unt.get('test/recall@1', float('nan')):.1f}), MAP@R {100 * fin['test/map@r']:.1f}; "
-              f"model in {result['model']} ({result['train_seconds']:.0f} s of training)")
+    print("\n" + summary_line(result, pretrained=cfg.model.weights is not None))
     return 0
+
+
+def summary_line(result: dict, *, pretrained: bool) -> str:
+    """One line: test R@1 against the starting model's, what was kept, and what to try if it got worse."""
+    fin, start = result["final"], result["untrained"]
+    what = "zero-shot" if pretrained else "untrained"
+    if "test/recall@1" not in fin:
+        return f"model in {result['model']}"
+    r1, r0 = 100 * fin["test/recall@1"], 100 * start.get("test/recall@1", float("nan"))
+    line = (f"R@1 on held-out test classes: {r1:.1f} ({what} {r0:.1f}, {r1 - r0:+.1f}), MAP@R {100 * fin['test/map@r']:.1f}"
+            f"; kept epoch {result.get('epoch_chosen')} ({result.get('selected_on')}); model in {result['model']} "
+            f"({result['total_seconds'] / 60:.1f} min)")
+    if r1 < r0:
+        line += (f"\nwarning: training made test R@1 worse than {what}. Try a lower --optim.lr, fewer "
+                 "--model.trainable_stages, --data.val_fraction 0.2 (keeps the best epoch on validation classes), "
+                 "or a longer --budget")
+    return line
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -111,11 +127,28 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from models.export import export_onnx
 
-    if not args.onnx:
+    out: dict = {}
+    if args.pretrained:
+        if args.model:
+            raise ValueError("give either a MODEL directory or --pretrained BACKBONE, not both")
+        if not args.out:
+            raise ValueError("--pretrained needs --out DIR (where the zero-shot model is written)")
+        from models.io import save_model
+        from models.net import zero_shot_model
+
+        card = save_model(zero_shot_model(args.pretrained, weights=args.weights, image_size=args.image_size), args.out)
+        out.update({"model": str(args.out), "backbone": card.backbone, "embedding_dim": card.embedding_dim,
+                    "image_size": card.image_size, "fingerprint": card.fingerprint})
+        args.model = args.out
+    elif not args.model:
+        raise ValueError("lookalike export needs a MODEL directory, or --pretrained BACKBONE --out DIR")
+    elif not args.onnx:
         print("lookalike export: nothing to do (pass --onnx)", file=sys.stderr)
         return 2
-    path, diff = export_onnx(args.model)
-    print(json.dumps({"onnx": str(path), "max_abs_diff_vs_torch": diff}))
+    if args.onnx:
+        path, diff = export_onnx(args.model)
+        out.update({"onnx": str(path), "max_abs_diff_vs_torch": diff})
+    print(json.dumps(out))
     return 0
 
 
@@ -143,7 +176,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.set_defaults(func=_cmd_lr_find)
 
-    p = sub.add_parser("export", help="export a model (ONNX), verified against torch")
-    p.add_argument("model", help="run or model directory")
+    p = sub.add_parser(
+        "export", help="export a model (ONNX), or write a zero-shot model from a pretrained backbone",
+        description="Export a trained model to ONNX (verified against torch), or write a zero-shot model: a "
+                    "pretrained backbone's pooled features as the embedding, no training and no labels needed.",
+        epilog="examples:\n  lookalike export --onnx runs/demo\n"
+               "  lookalike export --pretrained efficientnet_lite0 --out models/lite0 --onnx\n"
+               "  lookalike index build --model models/lite0 --images photos/ --out my-index",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="run or model directory")
     p.add_argument("--onnx", action="store_true", help="write model.onnx beside the weights")
+    p.add_argument("--pretrained", metavar="BACKBONE",
+                   help="write a zero-shot model of this backbone to --out (efficientnet_lite0 works offline)")
+    p.add_argument("--weights", default="DEFAULT", help="with --pretrained: weights name or .safetensors file")
+    p.add_argument("--image-size", type=int, help="with --pretrained: crop side (default: the weights' own)")
+    p.add_argument("--out", help="with --pretrained: model directory to write")
     p.set_defaults(func=_cmd_export)

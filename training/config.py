@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Distance = Literal["cosine", "euclidean"]
 
+#: The default recipe: what ``lookalike train`` runs when no ``--config`` is given.
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -25,15 +28,17 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The embedding network (see models.ModelCard)."""
 
-    backbone: str = Field("resnet18", description="torchvision backbone: resnet18, resnet34, resnet50, efficientnet_b0, mobilenet_v3_large, mobilenet_v3_small, convnext_tiny, vit_b_16")
-    weights: str | None = Field(None, description="None (from scratch), a torchvision weights name (DEFAULT, IMAGENET1K_V1; downloaded on first use), or a local .safetensors file")
-    embedding_dim: int = Field(128, ge=2, le=4096, description="output dimension D")
+    backbone: str = Field("resnet18", description="backbone architecture (`lookalike train --help` lists them); efficientnet_lite0/1/2 have ImageNet weights that install with lookalike and work offline")
+    weights: str | None = Field(None, description="null (from scratch), DEFAULT (ImageNet: shipped offline for efficientnet_lite*, downloaded by torchvision for the others), a torchvision weights name, or a local .safetensors file")
+    embedding_dim: int = Field(128, ge=2, le=4096, description="output dimension D (head none: the backbone's feature size, this is ignored)")
     image_size: int = Field(112, ge=16, le=1024, description="square crop fed to the network")
     resize_size: int | None = Field(None, description="shorter side before the centre crop; default image_size * 8/7")
-    head: Literal["linear", "mlp"] = Field("linear", description="projection head")
+    head: Literal["none", "linear", "mlp"] = Field("linear", description="projection head (none: the pooled backbone features are the embedding)")
     head_hidden: int = Field(512, ge=1, description="hidden width of the mlp head")
     activation: Literal["relu", "leaky_relu", "prelu", "relu6", "softplus", "gelu"] = Field("relu", description="activation of the mlp head")
     neck_bn: bool = Field(True, description="BatchNorm on backbone features before the head")
+    trainable_stages: int = Field(-1, ge=-1, description="-1: train the whole backbone on images; k >= 0: freeze all but the last k stages and train on their cached inputs (fast; k=0 trains only the head)")
+    freeze_bn: bool = Field(False, description="keep the backbone's BatchNorm statistics fixed while training")
 
     @field_validator("backbone")
     @classmethod
@@ -72,6 +77,7 @@ class DataConfig(_Section):
     workers: int = Field(2, ge=0, description="DataLoader workers when images are not cached")
     scale_min: float = Field(0.25, gt=0, le=1, description="RandomResizedCrop minimum area fraction")
     color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength (0: off)")
+    cached_views: int = Field(4, ge=1, le=64, description="trainable_stages >= 0: augmented views cached per training image (the first is the plain centre crop); fewer when the budget is short")
 
 
 class LossConfig(_Section):
@@ -91,6 +97,7 @@ class LossConfig(_Section):
     aux: Literal["none", "softmax", "hinge"] = Field("none", description="auxiliary classification head on the embedding")
     aux_weight: float = Field(1.0, ge=0, description="weight of the auxiliary loss")
     aux_temperature: float = Field(0.05, gt=0, description="softmax: cosine logits are divided by this (normalised softmax)")
+    aux_init: Literal["random", "centroids"] = Field("random", description="aux class weights: random, or the class centroids of the starting embedding (a warm head for a pretrained start)")
 
 
 class OptimConfig(_Section):
@@ -115,7 +122,9 @@ class TrainConfig(_Section):
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(30, ge=1, description="epochs to train (with budget: the most epochs; the budget decides)")
+    budget: str | None = Field(None, description="wall-time budget of the whole run, e.g. 8m, 90s, 1h: throughput is measured on the first steps and the epochs/steps are planned so the LR schedule ends on time (null: run all epochs)")
+    select_best: bool = Field(True, description="keep the epoch (0 = the starting model) with the best validation R@1; needs data.val_fraction > 0")
     seed: int = 0
     device: str = Field("auto", description="auto (cuda if present), cpu, cuda, cuda:N")
     amp: Literal["auto", "bf16", "none"] = Field("auto", description="bf16 autocast: auto = where the hardware supports it")
@@ -125,9 +134,38 @@ class TrainConfig(_Section):
     collapse_cosine: float = Field(0.95, gt=0, le=1, description="warn when the mean pairwise cosine of a batch exceeds this")
     out: str = Field("runs/default", description="run directory")
 
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+    def budget_seconds(self) -> float | None:
+        """The budget in seconds, or None."""
+        return parse_duration(self.budget) if self.budget else None
+
     def digest(self) -> str:
         """sha256 of the canonical JSON of this config."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def parse_duration(text: str) -> float:
+    """``"8m"`` -> 480.0; accepts ``h``, ``m``, ``s`` parts (``1h30m``, ``90s``) or plain seconds."""
+    import re
+
+    t = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        seconds = float(t)
+    else:
+        m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", t)
+        if not t or m is None or not any(m.groups()):
+            raise ValueError(f"budget {text!r} is not a duration; use e.g. 8m, 90s, 1h30m")
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        seconds = 3600 * h + 60 * mi + s
+    if seconds <= 0:
+        raise ValueError(f"budget {text!r} must be positive")
+    return seconds
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

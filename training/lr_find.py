@@ -42,8 +42,11 @@ def lr_range_test(cfg: TrainConfig, *, lr_min: float = 1e-6, lr_max: float = 1.0
     ds = train_dataset(cfg, splits["train"], card, cache=cache)
     sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k, batches_per_epoch=steps, seed=cfg.seed)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=0 if cache else cfg.data.workers)
-    model = EmbeddingNet(card, backbone_weights=cfg.model.weights).to(device).train()
-    aux = aux_from_config(cfg, len(splits["train"].classes))
+    model = EmbeddingNet(card, backbone_weights=cfg.model.weights).to(device)
+    if cfg.model.trainable_stages >= 0:  # the same frozen trunk as the trainer (here on images, not cached)
+        model.split(cfg.model.trainable_stages)
+    model.train()
+    aux = aux_from_config(cfg, len(splits["train"].classes), card.embedding_dim)
     if aux is not None:
         aux = aux.to(device)
     loss_fn = loss_from_config(cfg)

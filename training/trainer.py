@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.backends import bf16_supported
+from models.backends import bf16_supported, cpu_info
 from models.card import ModelCard
 from models.io import save_model
 from models.net import EmbeddingNet
+from training.budget import plan_steps
 from training.checkpoint import load_checkpoint, restore, save_checkpoint
 from training.config import TrainConfig, dump_config
 from training.data import ImageDataset, PKSampler, make_splits, should_cache
@@ -86,21 +87,36 @@ def build_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float,
     raise ValueError(f"unknown optimizer {name!r}; allowed: {list(OPTIMIZERS)}")
 
 
-def lr_lambda_factory(*, schedule: str, total_steps: int, warmup_steps: int, steps_per_epoch: int,
-                      step_size: int, gamma: float):
-    """Per-step LR multiplier: linear warmup from 1% then constant / cosine / step decay."""
+@dataclass
+class LRSchedule:
+    """Per-step LR multiplier: linear warmup from 1%, then constant / cosine / step decay.
 
-    def f(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return 0.01 + 0.99 * step / warmup_steps
-        if schedule == "cosine":
-            t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    A callable object (not a closure) so that ``LambdaLR.state_dict()`` saves it, and the
+    time-budget planner can set ``total_steps`` once throughput has been measured.
+    """
+
+    schedule: str
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+    step_size: int
+    gamma: float
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return 0.01 + 0.99 * step / self.warmup_steps
+        if self.schedule == "cosine":
+            t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        if schedule == "step":
-            return gamma ** (step // (step_size * steps_per_epoch))
+        if self.schedule == "step":
+            return self.gamma ** (step // (self.step_size * self.steps_per_epoch))
         return 1.0
 
-    return f
+
+def lr_lambda_factory(*, schedule: str, total_steps: int, warmup_steps: int, steps_per_epoch: int,
+                      step_size: int, gamma: float) -> LRSchedule:
+    """Per-step LR multiplier: linear warmup from 1% then constant / cosine / step decay."""
+    return LRSchedule(schedule, total_steps, warmup_steps, steps_per_epoch, step_size, gamma)
 
 
 class AuxClassifier(nn.Module):
@@ -168,27 +184,49 @@ def seed_everything(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- epochs
-def train_one_epoch(model: EmbeddingNet, loader: DataLoader, *, loss_fn: nn.Module, miner, aux: AuxClassifier | None,
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm layer of ``module`` in eval mode: running statistics stay fixed."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_one_epoch(model: EmbeddingNet, loader, *, loss_fn: nn.Module, miner, aux: AuxClassifier | None,
                     aux_weight: float, optimizer: torch.optim.Optimizer, scheduler, device: torch.device, bf16: bool,
                     channels_last: bool, grad_clip: float | None, monitor: CollapseMonitor, epoch: int,
-                    progress: bool = True) -> dict[str, float]:
-    """One pass over ``loader``; returns mean losses, throughput and the collapse signals."""
+                    progress: bool = True, forward=None, freeze_bn: bool = False, stop=None,
+                    on_step=None) -> dict[str, float]:
+    """One pass over ``loader`` (an iterable of ``(inputs, labels)``); returns mean losses,
+    throughput and the collapse signals.
+
+    ``forward`` maps a batch of inputs to (B, D) un-normalised embeddings (default
+    ``model.forward_raw`` on images; ``model.forward_top_raw`` on cached trunk outputs).
+    ``stop()`` returning True ends the epoch early (checked before each step); ``on_step(n)``
+    is called after each step with the number of steps done in this epoch (the budget
+    planner measures throughput with it).
+    """
     from tqdm import tqdm
 
+    forward = forward or model.forward_raw
     model.train()
+    if freeze_bn:
+        freeze_batchnorm(model.backbone)
     if aux is not None:
         aux.train()
     totals = {"loss": 0.0, "metric_loss": 0.0, "aux_loss": 0.0}
     n_steps, n_images, t0 = 0, 0, time.perf_counter()
     clip_params = [p for g in optimizer.param_groups for p in g["params"]] if grad_clip else []
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress, mininterval=1)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress,
+               mininterval=1)
     for images, labels in bar:
+        if stop is not None and stop():
+            break
         images = images.to(device, non_blocking=True)
-        if channels_last:
+        if channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            raw = model.forward_raw(images)
+            raw = forward(images)
         raw = raw.float()
         emb = F.normalize(raw, dim=1)
         tuples = miner(emb, labels) if miner is not None else None
@@ -215,13 +253,37 @@ def train_one_epoch(model: EmbeddingNet, loader: DataLoader, *, loss_fn: nn.Modu
         n_images += images.shape[0]
         if progress:
             bar.set_postfix(loss=f"{totals['loss'] / n_steps:.4f}", cos=f"{monitor.cos[-1]:.2f}")
+        if on_step is not None:
+            on_step(n_steps)
+    bar.close()
     elapsed = time.perf_counter() - t0
     out = {k: v / max(1, n_steps) for k, v in totals.items()}
     out.update(monitor.summary())
+    out["steps"] = n_steps
     out["images_per_s"] = n_images / elapsed if elapsed > 0 else float("nan")
     out["epoch_seconds"] = elapsed
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
+
+
+class CachedBatches:
+    """P×K batches of cached trunk outputs: iterates ``(B, C, h, w) float32, (B,) int64``.
+
+    Each image of a batch comes from one of the cache's views, drawn by a generator seeded
+    from the run seed and the epoch (so a resumed run sees the same stream).
+    """
+
+    def __init__(self, cache, sampler: PKSampler, seed: int) -> None:
+        self.cache, self.sampler, self.seed = cache, sampler, seed
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.sampler.epoch)
+        for idx in self.sampler:
+            t = torch.as_tensor(idx, dtype=torch.int64)
+            yield self.cache.batch(t, g), self.cache.labels[t]
 
 
 @torch.inference_mode()
@@ -241,6 +303,22 @@ def embed_dataset(model: EmbeddingNet, dataset: ImageDataset, *, device: torch.d
     return np.concatenate(out) if out else np.zeros((0, model.card.embedding_dim), np.float32)
 
 
+@torch.inference_mode()
+def embed_cached(model: EmbeddingNet, feats: torch.Tensor, *, device: torch.device, bf16: bool,
+                 batch_size: int = 256, channels_last: bool = True) -> np.ndarray:
+    """Embed cached trunk outputs ((N, C, h, w) bfloat16) -> (N, D) float32 unit norm."""
+    model.eval()
+    out = []
+    for i in range(0, feats.shape[0], batch_size):
+        x = feats[i:i + batch_size].to(device).float()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            raw = model.forward_top_raw(x)
+        out.append(F.normalize(raw.float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.card.embedding_dim), np.float32)
+
+
 def evaluate(model: EmbeddingNet, dataset: ImageDataset, *, device: torch.device, bf16: bool,
              workers: int = 0, channels_last: bool = True) -> dict[str, float]:
     """Retrieval metrics of ``dataset`` against itself (leave-one-out): R@1/2/4/8, P@1, R-precision, MAP@R."""
@@ -250,11 +328,16 @@ def evaluate(model: EmbeddingNet, dataset: ImageDataset, *, device: torch.device
 
 # ----------------------------------------------------------------------------- the run
 def card_from_config(cfg: TrainConfig) -> ModelCard:
+    """The model card a run of ``cfg`` produces; mean/std are those the backbone's weights expect."""
+    from models.backbones import backbone_defaults, feature_dim
+
     m = cfg.model
+    pre = backbone_defaults(m.backbone)
+    dim = feature_dim(m.backbone) if m.head == "none" else m.embedding_dim
     return ModelCard(
-        backbone=m.backbone, embedding_dim=m.embedding_dim, image_size=m.image_size, resize_size=m.effective_resize,
-        head=m.head, head_hidden=m.head_hidden, activation=m.activation, neck_bn=m.neck_bn,
-        config_digest=cfg.digest(),
+        backbone=m.backbone, embedding_dim=dim, image_size=m.image_size, resize_size=m.effective_resize,
+        mean=pre["mean"], std=pre["std"], head=m.head, head_hidden=m.head_hidden, activation=m.activation,
+        neck_bn=m.neck_bn, config_digest=cfg.digest(),
     )
 
 
@@ -277,11 +360,12 @@ def loss_from_config(cfg: TrainConfig) -> nn.Module:
                       reduction=cfg.loss.reduction, **loss_kwargs(cfg))
 
 
-def aux_from_config(cfg: TrainConfig, num_classes: int) -> AuxClassifier | None:
-    """The auxiliary classification head, or None when ``loss.aux`` is ``none``."""
+def aux_from_config(cfg: TrainConfig, num_classes: int, dim: int | None = None) -> AuxClassifier | None:
+    """The auxiliary classification head on ``dim``-d embeddings (default ``model.embedding_dim``),
+    or None when ``loss.aux`` is ``none``."""
     if cfg.loss.aux == "none":
         return None
-    return AuxClassifier(cfg.model.embedding_dim, num_classes, cfg.loss.aux, cfg.loss.aux_temperature)
+    return AuxClassifier(dim or cfg.model.embedding_dim, num_classes, cfg.loss.aux, cfg.loss.aux_temperature)
 
 
 def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -292,18 +376,33 @@ def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _param_groups(model: EmbeddingNet, aux: nn.Module | None, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Optimizer groups: backbone at ``optim.lr``, neck/head/aux at ``lr * head_lr_mult``;
+    no weight decay on biases and norms; frozen parameters left out."""
     head_params = list(model.neck.parameters()) + list(model.head.parameters()) + (list(aux.parameters()) if aux else [])
     groups: list[dict[str, Any]] = []
     for params, mult in ((list(model.backbone.parameters()), 1.0), (head_params, cfg.optim.head_lr_mult)):
+        params = [p for p in params if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         lr = cfg.optim.lr * mult
         groups.append({"params": decay, "lr": lr, "weight_decay": cfg.optim.weight_decay})
         groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
-    assert len({id(p) for g in groups for p in g["params"]}) == sum(1 for _ in model.parameters()) + (
-        sum(1 for _ in aux.parameters()) if aux else 0
-    ), "every parameter in exactly one group"
+    trainable = [p for p in model.parameters() if p.requires_grad] + (list(aux.parameters()) if aux else [])
+    assert len({id(p) for g in groups for p in g["params"]}) == len(trainable), "every parameter in exactly one group"
     return [g for g in groups if g["params"]]
+
+
+def init_aux_centroids(aux: AuxClassifier, emb: np.ndarray, labels: np.ndarray) -> None:
+    """Set the aux head's class weights to the class centroids of (N, D) unit embeddings.
+
+    The normalised-softmax head then starts where the pretrained embedding already is, so
+    its first gradients refine the embedding instead of dragging it towards random proxies.
+    """
+    w = torch.zeros_like(aux.weight)
+    e = torch.as_tensor(emb, dtype=w.dtype, device=w.device)
+    w.index_add_(0, torch.as_tensor(labels, dtype=torch.int64, device=w.device), e)
+    with torch.no_grad():
+        aux.weight.copy_(F.normalize(w, dim=1))
 
 
 def _log_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -315,6 +414,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
           stop_after: int | None = None, loss_fn: nn.Module | None = None, miner=None) -> dict[str, Any]:
     """Run (or resume) a training run in ``cfg.out``; returns the final evaluation and paths.
 
+    Epoch 0 is the starting model (zero-shot for a pretrained backbone): it is evaluated
+    first on the validation and test classes, so every run reports what training gained.
+    With ``select_best`` and a validation split (``data.val_fraction`` > 0) the run keeps the
+    epoch with the best validation R@1, epoch 0 included: training never returns a model
+    worse on validation classes than the one it started from. Nothing is selected on test
+    classes.
+
+    ``model.trainable_stages >= 0`` freezes the backbone's early stages and trains the rest
+    on cached trunk outputs (:mod:`training.featcache`); ``budget`` plans the number of
+    steps from measured throughput (:mod:`training.budget`).
+
     ``stop_after`` ends this call after that many epochs (checkpoint written; ``resume=True``
     continues exactly where it stopped), for time-boxed sessions.
 
@@ -322,13 +432,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     any callables with the signatures ``loss_fn(emb, labels, indices_tuple)`` and
     ``miner(emb, labels) -> indices_tuple`` work, e.g. pytorch-metric-learning's, which is how
     ``bench/bench_recipe.py`` compares recipes in one loop.
-
-    The model evaluated and saved is the one after the last epoch: nothing is selected on the
-    test classes. ``data.val_fraction`` > 0 adds a validation split from the train classes,
-    evaluated alongside, for choosing hyperparameters.
     """
+    t_start = time.perf_counter()
     run = Path(cfg.out)
     ckpt_dir = run / "checkpoint"
+    meta: dict[str, Any] = {}
     if resume:
         tensors, meta = load_checkpoint(ckpt_dir)
         saved = TrainConfig.model_validate(meta["config"])
@@ -337,6 +445,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         cfg = saved
     elif (run / "metrics.jsonl").exists():
         raise FileExistsError(f"{run}: run directory already has a run; use --resume or another --out")
+    budget = cfg.budget_seconds()
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "config.yaml")
     if cfg.threads:
@@ -350,26 +459,72 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     for name, split in splits.items():  # the class split, for indexing/evaluating exactly the held-out classes
         (run / "splits" / f"{name}_classes.txt").write_text("\n".join(split.classes) + "\n")
     card = card_from_config(cfg)
+    cached = cfg.model.trainable_stages >= 0
     n_all = sum(len(s) for s in splits.values())
-    cache = should_cache(n_all, card, cfg.data.cache_images, cfg.data.cache_budget_mb)
-    log.info("classes: train %d (%d images), %stest %d (%d images); cache in RAM: %s; device %s, bf16 %s",
+    in_ram = cached or should_cache(n_all, card, cfg.data.cache_images, cfg.data.cache_budget_mb)
+    log.info("classes: train %d (%d images), %stest %d (%d images); decoded images in RAM: %s; device %s, bf16 %s",
              len(splits["train"].classes), len(splits["train"]),
              f"val {len(splits['val'].classes)} ({len(splits['val'])} images), " if "val" in splits else "",
-             len(splits["test"].classes), len(splits["test"]), cache, device, bf16)
-    train_ds = train_dataset(cfg, splits["train"], card, cache=cache)
-    eval_sets = {name: ImageDataset(splits[name], card, train=False, cache=cache) for name in ("val", "test") if name in splits}
-    workers = 0 if cache else cfg.data.workers
-    sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
-                        batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
-    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+             len(splits["test"].classes), len(splits["test"]), in_ram, device, bf16)
+    if cfg.select_best and "val" not in splits:
+        log.info("select_best needs a validation split (data.val_fraction > 0): keeping the last epoch")
 
-    backbone_weights = cfg.model.weights
-    model = EmbeddingNet(card, backbone_weights=backbone_weights).to(device)
+    model = EmbeddingNet(card, backbone_weights=None if resume else cfg.model.weights).to(device)
+    if cached:
+        model.split(cfg.model.trainable_stages)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    aux = aux_from_config(cfg, len(splits["train"].classes))
+    if resume:  # the trunk's weights come from the checkpoint before any cache is computed
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    eval_names = [n for n in ("val", "test") if n in splits]
+    sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
+                        batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
+    if cached:
+        from training.featcache import build_cache
+
+        base = ImageDataset(splits["train"], card, train=False, cache=True)
+        aug = base.view(train=True, scale_min=cfg.data.scale_min, color_jitter=cfg.data.color_jitter)
+        # augmented views may use up to a third of the budget; the eval views always come first
+        views_deadline = t_start + budget / 3 if budget else None
+        caches = {"train": build_cache(model.trunk, base, train_view=aug, views=cfg.data.cached_views, device=device,
+                                       bf16=bf16, channels_last=cfg.channels_last, seed=cfg.seed,
+                                       deadline=views_deadline, progress=progress, name="train")}
+        for name in eval_names:
+            ds = ImageDataset(splits[name], card, train=False, cache=True)
+            caches[name] = build_cache(model.trunk, ds, device=device, bf16=bf16, channels_last=cfg.channels_last,
+                                       progress=progress, name=name)
+        loader = CachedBatches(caches["train"], sampler, cfg.seed)
+        forward = model.forward_top_raw
+
+        def embed(name: str) -> np.ndarray:
+            return embed_cached(model, caches[name].feats[0], device=device, bf16=bf16,
+                                channels_last=cfg.channels_last)
+    else:
+        train_ds = train_dataset(cfg, splits["train"], card, cache=in_ram)
+        eval_sets = {name: ImageDataset(splits[name], card, train=False, cache=in_ram) for name in eval_names}
+        workers = 0 if in_ram else cfg.data.workers
+        loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+        forward = None
+
+        def embed(name: str) -> np.ndarray:
+            ds = eval_sets[name] if name in eval_sets else train_ds.view(train=False)
+            return embed_dataset(model, ds, device=device, bf16=bf16, channels_last=cfg.channels_last)
+
+    eval_seconds: dict[str, float] = {}
+
+    def metrics_of(names: list[str]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for n in names:
+            t0 = time.perf_counter()
+            out.update({f"{n}/{k}": v for k, v in retrieval_metrics(embed(n), np.asarray(splits[n].labels)).items()})
+            eval_seconds[n] = time.perf_counter() - t0
+        return out
+
+    aux = aux_from_config(cfg, len(splits["train"].classes), card.embedding_dim)
     if aux is not None:
         aux = aux.to(device)
+        if cfg.loss.aux_init == "centroids" and not resume and aux.kind == "softmax":
+            init_aux_centroids(aux, embed("train"), np.asarray(splits["train"].labels))
     injected_miner = miner
     loss_fn = loss_fn if loss_fn is not None else loss_from_config(cfg)
     miner_margin = cfg.loss.miner_margin if cfg.loss.miner_margin is not None else cfg.loss.margin
@@ -382,31 +537,66 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     optimizer = build_optimizer(cfg.optim.name, _param_groups(model, aux, cfg), lr=cfg.optim.lr,
                                 weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     steps_per_epoch = len(sampler)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(
+    schedule = lr_lambda_factory(
         schedule=cfg.optim.schedule, total_steps=cfg.epochs * steps_per_epoch,
         warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch,
-        step_size=cfg.optim.step_size, gamma=cfg.optim.gamma))
+        step_size=cfg.optim.step_size, gamma=cfg.optim.gamma)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    best = {"epoch": 0, "score": None, "state": None}
+    plan = meta.get("plan")
     if resume:
         start_epoch = restore(tensors, meta, model=model, aux=aux, optimizer=optimizer, scheduler=scheduler)
         history = meta.get("history", [])
-        log.info("resumed %s at epoch %d/%d", run, start_epoch + 1, cfg.epochs)
+        best_meta = meta.get("best") or {}
+        best = {"epoch": best_meta.get("epoch", 0),
+                "score": tuple(best_meta["score"]) if best_meta.get("score") is not None else None,
+                "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None}
+        log.info("resumed %s at epoch %d", run, start_epoch + 1)
         # the metrics file mirrors the checkpoint: drop epochs that ran after it
         (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
+    select = cfg.select_best and "val" in splits
     if start_epoch == 0 and not resume:
-        untrained = {name: evaluate(model, ds, device=device, bf16=bf16, channels_last=cfg.channels_last)
-                     for name, ds in eval_sets.items()}
-        rec = {"epoch": 0, **{f"{n}/{k}": v for n, m in untrained.items() for k, v in m.items()}}
+        rec = {"epoch": 0, **metrics_of(eval_names)}
         history.append(rec)
         _log_jsonl(run / "metrics.jsonl", rec)
-        log.info("untrained: %s", _fmt(rec))
+        log.info("epoch 0 (%s): %s", "zero-shot" if cfg.model.weights else "untrained", _fmt(rec))
+        if select:
+            best = {"epoch": 0, "score": _score(rec), "state": _snapshot(model)}
 
+    # ---- the time budget: measure a few real steps, then fix the schedule's length
+    probe = min(steps_per_epoch, 8)
+    step_times: list[float] = []
+    planned = {"done": plan is not None or budget is None}
+
+    def on_step(n: int) -> None:
+        step_times.append(time.perf_counter())
+        if planned["done"] or len(step_times) < probe:
+            return
+        # skip the first two steps (allocator and kernel warm-up) when there are enough
+        if len(step_times) >= 3:
+            step_s = (step_times[-1] - step_times[1]) / (len(step_times) - 2)
+        else:
+            step_s = (step_times[-1] - t_run) / len(step_times)
+        val_cost = eval_seconds.get("val", 0.0) if select else 0.0
+        test_cost = eval_seconds.get("test", 0.0)
+        per_epoch_eval = val_cost + (test_cost / cfg.eval_every if cfg.eval_every else 0.0)
+        p = plan_steps(budget_s=budget, spent_s=time.perf_counter() - t_start, step_s=step_s, eval_s=per_epoch_eval,
+                       reserve_s=test_cost + 2.0, steps_per_epoch=steps_per_epoch,
+                       max_epochs=cfg.epochs, done_steps=scheduler.last_epoch, min_steps=probe)
+        schedule.total_steps = p.total_steps
+        schedule.warmup_steps = min(schedule.warmup_steps, p.total_steps // 10)
+        planned["done"], planned["plan"] = True, p.as_dict()
+        log.info("plan: %s", p.describe())
+
+    total_steps = lambda: schedule.total_steps  # noqa: E731  (changes once the plan is made)
     t_run = time.perf_counter()
+    epoch = start_epoch
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
-    for epoch in range(start_epoch, end_epoch):
+    while epoch < end_epoch and scheduler.last_epoch < total_steps():
         torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation stream reproducible across resume
         sampler.set_epoch(epoch)
         monitor = CollapseMonitor(cfg.collapse_cosine)
@@ -414,7 +604,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         stats = train_one_epoch(model, loader, loss_fn=loss_fn, miner=active_miner, aux=aux,
                                 aux_weight=cfg.loss.aux_weight, optimizer=optimizer, scheduler=scheduler,
                                 device=device, bf16=bf16, channels_last=cfg.channels_last,
-                                grad_clip=cfg.optim.grad_clip, monitor=monitor, epoch=epoch, progress=progress)
+                                grad_clip=cfg.optim.grad_clip, monitor=monitor, epoch=epoch, progress=progress,
+                                forward=forward, freeze_bn=cfg.model.freeze_bn,
+                                stop=lambda: scheduler.last_epoch >= total_steps(), on_step=on_step)
         rec = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in stats.items()}}
         if monitor.collapsed():
             rec["train/collapse_warning"] = True
@@ -423,30 +615,67 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 "image maps to nearly the same point. Batch-hard mining from scratch does this; use loss.miner=none "
                 "or semi_hard, loss.miner_warmup_epochs, loss.aux=softmax, or a lower optim.lr.",
                 epoch + 1, stats["mean_pairwise_cosine"], cfg.collapse_cosine, stats["active_fraction"])
-        last = epoch + 1 == cfg.epochs
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            for name, ds in eval_sets.items():
-                m = evaluate(model, ds, device=device, bf16=bf16, channels_last=cfg.channels_last)
-                rec.update({f"{name}/{k}": v for k, v in m.items()})
+        last = epoch + 1 == cfg.epochs or scheduler.last_epoch >= total_steps()
+        names = [n for n in eval_names
+                 if (n == "val" and select) or last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)]
+        if names:
+            rec.update(metrics_of(names))
+        if select and "val/recall@1" in rec and (best["score"] is None or _score(rec) > best["score"]):
+            best = {"epoch": epoch + 1, "score": _score(rec), "state": _snapshot(model)}
         history.append(rec)
         _log_jsonl(run / "metrics.jsonl", rec)
         save_checkpoint(ckpt_dir, model=model, aux=aux, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                        config=cfg.model_dump(mode="json"), history=history)
-        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt(rec))
+                        config=cfg.model_dump(mode="json"), history=history,
+                        extra={"plan": planned.get("plan", plan),
+                               "best": {"epoch": best["epoch"], "score": best["score"]}},
+                        extra_tensors={f"best.{k}": v for k, v in (best["state"] or {}).items()})
+        log.info("epoch %d (step %d/%d) %s", epoch + 1, scheduler.last_epoch, total_steps(), _fmt(rec))
+        epoch += 1
+    finished = not (epoch < cfg.epochs and scheduler.last_epoch < total_steps())
 
+    final = history[-1]
+    chosen = final["epoch"]
+    if select and best["state"] is not None and best["epoch"] != final["epoch"]:
+        model.load_state_dict(best["state"])
+        chosen = best["epoch"]
+        final = next(h for h in history if h["epoch"] == chosen)
+        if not any(k.startswith("test/") for k in final):
+            final = {**final, **metrics_of(["test"])}
+        if chosen == 0:
+            log.warning("training did not beat the starting model on the validation classes (val R@1 %.1f at epoch 0); "
+                        "returning the starting model. Try a lower optim.lr, fewer model.trainable_stages, or a longer "
+                        "budget.", 100 * best["score"][0])
+        else:
+            log.info("keeping epoch %d, the best on validation classes (val R@1 %.1f)", chosen, 100 * best["score"][0])
     model = model.to(memory_format=torch.contiguous_format).cpu()
     saved_card = save_model(model, run / "model")
-    final = history[-1]
+    start = history[0] if history and history[0]["epoch"] == 0 else {}
     result = {
         "run": str(run),
         "model": str(run / "model"),
         "fingerprint": saved_card.fingerprint,
         "train_seconds": time.perf_counter() - t_run,
-        "untrained": {k: v for k, v in history[0].items() if k != "epoch"} if history and history[0]["epoch"] == 0 else {},
+        "total_seconds": time.perf_counter() - t_start,
+        "finished": finished,
+        "epoch_chosen": chosen,
+        "selected_on": "val/recall@1" if select else "last epoch",
+        "plan": planned.get("plan", plan),
+        "cpu": cpu_info() if device.type == "cpu" else {"device": str(device)},
+        "bf16": bf16,
+        "untrained": {k: v for k, v in start.items() if k != "epoch"},
         "final": {k: v for k, v in final.items() if k.startswith(("test/", "val/"))},
     }
     (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _score(rec: dict[str, Any]) -> tuple[float, float]:
+    """Model-selection key: validation R@1, then MAP@R."""
+    return (rec["val/recall@1"], rec.get("val/map@r", 0.0))
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def _fmt(rec: dict[str, Any]) -> str:
