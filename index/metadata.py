@@ -53,6 +53,11 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 """
 
+#: Lets a label filter find its ids without scanning the vectors. Compatible both ways: older
+#: lookalike versions ignore it, and an index made before it gets it on its next writable open
+#: (a read-only open of such an index still filters correctly, by a table scan).
+_LABEL_INDEX = "CREATE INDEX IF NOT EXISTS images_label ON images (label)"
+
 _RECORD_COLS = "id, path, label, sha256, size, mtime, added_at, source"
 
 
@@ -107,6 +112,8 @@ class MetadataDB:
             ver = self.get_meta("schema_version")
             if ver != str(SCHEMA_VERSION):
                 raise ValueError(f"{self.path}: metadata schema version {ver}, this lookalike reads {SCHEMA_VERSION}")
+        if not self.readonly:
+            self._wcon.execute(_LABEL_INDEX)
         self._wlock = threading.Lock()
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = [self._wcon]
@@ -261,6 +268,12 @@ class MetadataDB:
                 for row in con.execute(q, chunk):
                     out[int(row[0])] = _record(row)
         return out
+
+    def ids_with_label(self, label: str) -> np.ndarray:
+        """(M,) int64 ids of the images whose label is exactly ``label`` (committed state)."""
+        with self.reader() as con:
+            rows = con.execute("SELECT id FROM images WHERE label = ?", (label,)).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def by_sha(self, sha256: str) -> ImageRecord | None:
         with self.reader() as con:

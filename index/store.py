@@ -26,6 +26,8 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -46,6 +48,25 @@ STORE_VERSION = 1
 #: Re-tune an ANN index at checkpoint when its size moved by more than this fraction.
 RETUNE_DRIFT = 0.2
 _EXT_RE = re.compile(r"^[a-z0-9]{1,8}$")
+
+
+def _check_window(k: int, offset: int) -> tuple[int, int]:
+    """``(k, offset)`` as ints; ValueError unless k >= 1 and offset >= 0."""
+    k, offset = int(k), int(offset)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return k, offset
+
+
+@dataclass(frozen=True)
+class _Filter:
+    """A FAISS ``IDSelector`` for one search, with the objects it points into kept alive."""
+
+    selector: faiss.IDSelector
+    empty: bool = False  # nothing can match: skip the search
+    keep: tuple = ()
 
 
 def _card_fingerprint(card) -> str:
@@ -311,28 +332,105 @@ class IndexStore:
             raise ValueError("a query vector is zero; it has no direction to compare")
         return np.ascontiguousarray(q / norms, dtype=np.float32)
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[SearchHit]]:
-        """Top-``k`` neighbours of each query by cosine similarity.
+    def search(self, queries: np.ndarray, k: int, *, offset: int = 0, label: str | None = None,
+               exclude_label: str | None = None, exclude_ids: Sequence[int] = ()) -> list[list[SearchHit]]:
+        """Top-``k`` neighbours of each query by cosine similarity, optionally filtered and paged.
 
         Args:
             queries: (Q, D) float32 (normalised here again, so any non-zero vector is fine).
             k: hits wanted per query (>= 1).
+            offset: skip this many best hits first (pagination: ranks ``offset .. offset+k-1``).
+            label: only images with exactly this label.
+            exclude_label: no image with exactly this label (unlabelled images stay).
+            exclude_ids: never return these ids.
+
+        Filters run inside FAISS as an ``IDSelector``, so a filtered search returns exactly
+        ``min(k, matches - offset)`` hits: with an IVF index ``nprobe`` is raised (up to every
+        list) for queries whose probed lists hold too few matches.
 
         Returns:
             Q lists of at most ``k`` :class:`SearchHit`, score descending, no -1 ids.
             Thread-safe; each call sees one consistent snapshot of the index.
         """
         q = self._check_queries(queries)
-        k = int(k)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        k, offset = _check_window(k, offset)
+        return self._search(q, k, offset, self._filter(label, exclude_label, exclude_ids))
+
+    def search_by_id(self, id: int, k: int, *, offset: int = 0, label: str | None = None,
+                     exclude_label: str | None = None) -> list[SearchHit]:
+        """Top-``k`` neighbours of the stored image ``id`` (itself excluded). KeyError if unknown.
+
+        ``offset``, ``label`` and ``exclude_label`` as in :meth:`search`.
+        """
+        v = self.db.vector(int(id))
+        if v is None:
+            raise KeyError(id)
+        q = self._check_queries(v[None, :])
+        k, offset = _check_window(k, offset)
+        # One hit more and drop the image itself: cheaper than a selector over every vector.
+        return self._search(q, k, offset, self._filter(label, exclude_label, ()), drop=int(id))[0]
+
+    def _filter(self, label: str | None, exclude_label: str | None,
+                exclude_ids: Sequence[int]) -> "_Filter | None":
+        """The FAISS selector for a filter, or None when nothing is filtered."""
+        excluded = np.unique(np.asarray(list(exclude_ids), dtype=np.int64))
+        if label is None and exclude_label is None and not len(excluded):
+            return None
+        if label is not None:
+            allowed = self.db.ids_with_label(label) if label != exclude_label else np.zeros(0, np.int64)
+            allowed = np.ascontiguousarray(allowed[~np.isin(allowed, excluded)])
+            return _Filter(faiss.IDSelectorBatch(allowed), empty=not len(allowed))
+        banned = excluded
+        if exclude_label is not None:
+            banned = np.unique(np.concatenate([banned, self.db.ids_with_label(exclude_label)]))
+        inner = faiss.IDSelectorBatch(np.ascontiguousarray(banned))
+        return _Filter(faiss.IDSelectorNot(inner), keep=(inner,))
+
+    def _search(self, q: np.ndarray, k: int, offset: int, filt: "_Filter | None",
+                drop: int | None = None) -> list[list[SearchHit]]:
+        """Ranks ``offset .. offset+k-1`` of each (Q, D) unit query, ``drop`` left out."""
+        want = offset + k + (drop is not None)
+        if filt is not None and filt.empty:
+            return [[] for _ in range(len(q))]
         with self._rw.read():
             n = self._index.ntotal
             if n == 0 or len(q) == 0:
                 return [[] for _ in range(len(q))]
             ann.set_search_threads(self.search_threads)
-            scores, ids = self._index.search(q, min(k, n))
-        return self._hits(scores, ids)
+            if filt is None:
+                scores, ids = self._index.search(q, min(want, n))
+            else:
+                scores, ids = self._filtered_search(q, min(want, n), filt)
+        return [row[offset: offset + k] for row in self._hits(scores, ids, exclude=drop)]
+
+    def _filtered_search(self, q: np.ndarray, kk: int, filt: "_Filter") -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search with ``filt``'s selector -> ((Q, kk) float32 scores, (Q, kk) int64 ids).
+
+        Call under the read lock. IVF: start at the tuned ``nprobe`` and multiply it by 4 while
+        some query got fewer than ``kk`` hits, up to ``nlist`` (an exhaustive scan of every list,
+        so every matching vector is then a candidate).
+        """
+        index = faiss.downcast_index(self._index)
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:  # Flat (IDMap2): exact, the selector is all it needs
+            params = faiss.SearchParameters()
+            params.sel = filt.selector
+            return index.search(q, kk, params=params)
+        nprobe, nlist = int(ivf.nprobe), int(ivf.nlist)
+        while True:
+            ivf_params = faiss.SearchParametersIVF()
+            ivf_params.sel = filt.selector
+            ivf_params.nprobe = nprobe
+            params = ivf_params
+            if isinstance(index, faiss.IndexPreTransform):  # e.g. OPQ16,IVF1024,PQ16
+                params = faiss.SearchParametersPreTransform()
+                params.index_params = ivf_params
+            scores, ids = index.search(q, kk, params=params)
+            if nprobe >= nlist or not (ids[:, -1] < 0).any():
+                return scores, ids
+            nprobe = min(nlist, nprobe * 4)
+            log.debug("filtered IVF search found fewer than %d hits; retrying with nprobe=%d", kk, nprobe)
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray, exclude: int | None = None) -> list[list[SearchHit]]:
         recs = self.db.get_many(ids[ids >= 0].tolist())
@@ -348,20 +446,6 @@ class IndexStore:
                 hits.append(SearchHit(id=i, score=min(1.0, max(-1.0, s)), path=r.path, label=r.label))
             out.append(hits)
         return out
-
-    def search_by_id(self, id: int, k: int) -> list[SearchHit]:
-        """Top-``k`` neighbours of the stored image ``id`` (itself excluded). KeyError if unknown."""
-        v = self.db.vector(int(id))
-        if v is None:
-            raise KeyError(id)
-        q = self._check_queries(v[None, :])
-        with self._rw.read():
-            n = self._index.ntotal
-            if n == 0:
-                return []
-            ann.set_search_threads(self.search_threads)
-            scores, ids = self._index.search(q, min(int(k) + 1, n))
-        return self._hits(scores, ids, exclude=int(id))[0][: int(k)]
 
     def get(self, id: int) -> ImageRecord | None:
         return self.db.get(id)
