@@ -23,9 +23,28 @@ class SearchResult(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    results: list[SearchResult] = Field(description="at most k hits, best first")
+    results: list[SearchResult] = Field(description="at most k hits, best first (ranks offset .. offset+k-1)")
     k: int = Field(description="hits asked for")
+    offset: int = Field(0, description="best hits skipped before these (pagination); offset + k <= max_k")
     model: str = Field(description="fingerprint of the model that embedded the query")
+    index: int = Field(description="generation of the index searched")
+    took_ms: float = Field(description="server time for this request in milliseconds")
+
+
+class BatchItem(BaseModel):
+    """The answer for one image of a batch: its hits, or the error it alone would have got."""
+
+    filename: str | None = Field(description="the file part's filename, if the client sent one")
+    status: int = Field(description="200, or the HTTP status this image alone would have got (400, 413, 415, ...)")
+    results: list[SearchResult] | None = Field(None, description="hits, best first; absent on error")
+    error: ErrorDetail | None = Field(None, description="why this image failed; absent on success")
+
+
+class BatchSearchResponse(BaseModel):
+    items: list[BatchItem] = Field(description="one per uploaded file, in the order sent")
+    k: int = Field(description="hits asked for per image")
+    offset: int = Field(description="best hits skipped per image")
+    model: str = Field(description="fingerprint of the model that embedded the queries")
     index: int = Field(description="generation of the index searched")
     took_ms: float = Field(description="server time for this request in milliseconds")
 

@@ -10,9 +10,9 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from service.deps import ReadyDep, WriterDep
 from service.errors import ApiError
-from service.routers.common import errors, image_url, search_response
+from service.routers.common import errors, image_url, parse_window, search_response
 from service.schemas import AddImageResponse, DeleteResponse, ImageOut, SearchResponse
-from service.uploads import image_ext, image_media_type, parse_k, parse_label, read_upload, upload_openapi
+from service.uploads import image_ext, image_media_type, parse_label, read_upload, upload_openapi
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -56,16 +56,26 @@ async def get_image(image_id: ImageId, state: ReadyDep) -> FileResponse:
 @router.get("/{image_id}/similar", response_model=SearchResponse, summary="Search by an indexed image",
             responses=errors(404, 422, 503))
 async def similar(request: Request, image_id: ImageId, state: ReadyDep,
-                  k: Annotated[int | None, Query(description="hits wanted (1..max_k)")] = None) -> JSONResponse:
-    """The ``k`` images most similar to an already indexed one (itself excluded)."""
+                  k: Annotated[int | None, Query(description="hits wanted (1..max_k)")] = None,
+                  offset: Annotated[int | None, Query(description="skip this many best hits (pagination); "
+                                                                  "offset + k <= max_k")] = None,
+                  label: Annotated[str | None, Query(max_length=200,
+                                                     description="only images with exactly this label")] = None,
+                  exclude_label: Annotated[str | None, Query(
+                      max_length=200, description="no image with exactly this label (unlabelled images stay)")] = None,
+                  ) -> JSONResponse:
+    """The ``k`` images most similar to an already indexed one (itself excluded).
+
+    ``offset`` pages through the ranking; ``label`` / ``exclude_label`` filter by label and still
+    return ``k`` hits when ``k`` match."""
     t0 = time.perf_counter()
-    kk = parse_k(k, state.settings.default_k, state.settings.max_k)
+    w = parse_window(state.settings, k, offset, label, exclude_label)
     with state.admit():
         try:
-            hits = await state.search_thread(lambda: state.store.search_by_id(image_id, kk))
+            hits = await state.search_thread(lambda: state.store.search_by_id(image_id, w.k, **w.search_kwargs()))
         except KeyError:
             raise _not_found(image_id) from None
-    return search_response(request, state, hits, kk, t0)
+    return search_response(request, state, hits, w.k, t0, w.offset)
 
 
 @router.post(

@@ -153,7 +153,7 @@ def test_search_response_schema(ro_client, images_root):
     from service.schemas import SearchResponse
 
     SearchResponse.model_validate(body)  # the hot path builds JSON directly; it must match the schema
-    assert set(body) == {"results", "k", "model", "index", "took_ms"}
+    assert set(body) == {"results", "k", "offset", "model", "index", "took_ms"} and body["offset"] == 0
     assert body["k"] == 4 and len(body["results"]) == 4
     assert re.fullmatch(r"[0-9a-f]{64}", body["model"]) and isinstance(body["index"], int) and body["took_ms"] > 0
     for r in body["results"]:
