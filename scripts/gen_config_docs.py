@@ -31,11 +31,21 @@ def _type(info) -> str:
 
 
 def train_table() -> str:
-    from training.config import flat_fields
+    from training.config import DEFAULT_CONFIG, flat_fields, load_config
 
-    lines = ["| field (YAML `section.field`, CLI `--section.field`) | type | default | meaning |", "|---|---|---|---|"]
+    recipe = load_config(DEFAULT_CONFIG).model_dump(mode="json")
+
+    def in_recipe(name: str) -> str:
+        v = recipe
+        for part in name.split("."):
+            v = v[part]
+        return f"`{v}`" if v is not None else "`null`"
+
+    lines = ["| field (YAML `section.field`, CLI `--section.field`) | type | default recipe (`default.yaml`) | "
+             "field default (absent from a YAML) | meaning |", "|---|---|---|---|---|"]
     for name, info in flat_fields().items():
-        lines.append(f"| `{name}` | {_type(info)} | {_default(info)} | {(info.description or '').replace('|', '/')} |")
+        lines.append(f"| `{name}` | {_type(info)} | {in_recipe(name)} | {_default(info)} | "
+                     f"{(info.description or '').replace('|', '/')} |")
     return "\n".join(lines)
 
 

@@ -75,3 +75,28 @@ def test_eval_refuses_pickle(tmp_path, capsys):
     torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
     assert main(["eval", "--model", str(tmp_path / "model.pt")]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+def test_zero_shot_model_indexes_and_searches_without_training(tmp_path, capsys):
+    """A user without labels: export the pretrained backbone, index a folder, query it."""
+    data = make_image_folder(tmp_path / "photos", n_classes=4, per_class=4, size=48, kind="colour")
+    assert main(["export", "--pretrained", "efficientnet_lite0", "--image-size", "64", "--out",
+                 str(tmp_path / "zs"), "--onnx"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["embedding_dim"] == 1280 and out["max_abs_diff_vs_torch"] <= 1e-4
+    card = json.loads((tmp_path / "zs/card.json").read_text())
+    assert card["head"] == "none" and card["mean"][0] == pytest.approx(127 / 255)
+    assert main(["index", "build", "--model", str(tmp_path / "zs"), "--images", str(data), "--out",
+                 str(tmp_path / "idx"), "--labels-from-folders", "--no-progress", "--workers", "0"]) == 0
+    capsys.readouterr()
+    query = next((data / "class_02").iterdir())
+    assert main(["index", "search", str(tmp_path / "idx"), str(query), "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    hits = hits["results"] if isinstance(hits, dict) else hits
+    assert hits[0]["path"] == str(query.relative_to(data)) and hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert hits[0]["label"] == "class_02" and len(hits) == 3
+
+
+def test_export_pretrained_needs_out(capsys):
+    assert main(["export", "--pretrained", "efficientnet_lite0"]) == 2
+    assert "--out" in capsys.readouterr().err
