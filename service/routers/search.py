@@ -74,16 +74,17 @@ class _Part:
 
 
 async def _read_parts(request: Request, max_upload_bytes: int) -> tuple[list[_Part], list[tuple[str, str]]]:
-    """Parse ``multipart/form-data`` with up to :data:`MAX_BATCH_IMAGES` ``file`` parts.
+    """Parse ``multipart/form-data`` with up to :data:`MAX_BATCH_IMAGES` ``file`` parts (or a
+    url-encoded form, which has fields only: an ids-only mean query).
 
     Returns (file parts in order, other fields as (name, value) pairs). A file over the upload
     limit becomes a part carrying a 413 error, so a batch answers for it alone.
 
     Raises:
-        ApiError: 415 not multipart, 400 malformed multipart, 422 too many files.
+        ApiError: 415 not a form, 400 malformed multipart, 422 too many files.
     """
-    ctype = request.headers.get("content-type", "")
-    if not ctype.lower().startswith("multipart/form-data"):
+    ctype = request.headers.get("content-type", "").lower()
+    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise ApiError(415, "unsupported_media_type", "send the images as multipart/form-data with 'file' fields")
     try:
         form = await request.form(max_files=MAX_BATCH_IMAGES, max_fields=MAX_BATCH_IMAGES + 16,

@@ -189,13 +189,11 @@ def test_mean_of_indexed_ids_matches_bruteforce_and_excludes_them(ro_client, sto
     pick = [0, 3, 7]
     mean = vecs[pick].mean(axis=0)
     mean /= np.linalg.norm(mean)
-    resp = ro_client.post("/v1/search/mean", data={"id": [str(int(ids[i])) for i in pick], "k": "5"},
-                          files={"unused": ("x", b"", "application/octet-stream")})
+    resp = ro_client.post("/v1/search/mean", data={"id": [str(int(ids[i])) for i in pick], "k": "5"})
     assert resp.status_code == 200, resp.text
     assert _ids(resp.json()) == _oracle(mean, stored, ~np.isin(ids, ids[pick]), 5)
     resp = ro_client.post("/v1/search/mean", data={"id": [str(int(ids[i])) for i in pick], "k": "3",
-                                                   "label": "gull"},
-                          files={"unused": ("x", b"", "application/octet-stream")})
+                                                   "label": "gull"})
     assert _ids(resp.json()) == _oracle(mean, stored, ~np.isin(ids, ids[pick]) & (labels == "gull"), 3)
 
 
@@ -227,12 +225,9 @@ def test_mean_errors(ro_client, images_root):
                                                                  ("file", ("cut.jpg", imagegen.truncated_jpeg(),
                                                                            "image/jpeg"))]), 400, "truncated")
     assert err["message"].startswith("file 2 (cut.jpg):")
-    assert_error(ro_client.post("/v1/search/mean", data={"id": "999999"},
-                                files={"unused": ("x", b"", "application/octet-stream")}), 404, "not_found")
-    assert_error(ro_client.post("/v1/search/mean", data={"id": "abc"},
-                                files={"unused": ("x", b"", "application/octet-stream")}), 422, "invalid_parameter")
-    assert_error(ro_client.post("/v1/search/mean", data={"k": "3"},
-                                files={"unused": ("x", b"", "application/octet-stream")}), 422, "invalid_parameter")
+    assert_error(ro_client.post("/v1/search/mean", data={"id": "999999"}), 404, "not_found")
+    assert_error(ro_client.post("/v1/search/mean", data={"id": "abc"}), 422, "invalid_parameter")
+    assert_error(ro_client.post("/v1/search/mean", data={"k": "3"}), 422, "invalid_parameter")
 
 
 def test_openapi_documents_the_new_routes(ro_client):
