@@ -2,7 +2,7 @@
 
 Walks a folder recursively; files whose (path, size, mtime) match their stored record are
 ``unchanged`` without being read. The rest go through DataLoader worker processes, one batch
-per item: read, hash (sha256), decode with :func:`models.decode_image` (JPEG draft decoding at
+per item: read, hash (sha256), decode + preprocess with :meth:`models.Preprocess.load` (JPEG draft decoding at
 the model's resize size), preprocess, and embed the batch (torch: inference_mode, channels_last,
 bf16 autocast where supported; or ONNX Runtime). The main process drops ``duplicates`` (content
 already indexed, or seen earlier in this run) and adds each batch in one durable transaction. Files that cannot be read or decoded are ``failed``, each with a one-line reason
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.decode import DEFAULT_LIMITS, DecodeLimits, ImageDecodeError, decode_image
+from models.decode import DEFAULT_LIMITS, DecodeLimits, ImageDecodeError
 from models.preprocess import Preprocess
 
 from index.store import IndexStore
@@ -176,8 +176,9 @@ class _BatchDataset:
                                            f"{self.limits.max_bytes}", rel)
                 data = fh.read()
             out["sha256"] = hashlib.sha256(data).hexdigest()
-            img = decode_image(data, limits=self.limits, source=rel, draft_size=self.draft_size)
-            out["array"] = self.preprocess(img)
+            # decode + crop-first preprocess: the cost is bounded by the crop (models.preprocess)
+            out["array"] = self.preprocess.load(data, limits=self.limits, source=rel,
+                                                jpeg_draft=self.draft_size is not None)
         except ImageDecodeError as exc:
             out["code"], out["reason"] = exc.code, exc.reason
         except OSError as exc:

@@ -15,6 +15,8 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,7 +31,6 @@ ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "MPO"
 
 # Never accept truncated files silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
 
 
 @dataclass(frozen=True)
@@ -92,23 +93,51 @@ def _describe_other(head: bytes) -> str:
     return "unknown"
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
+#: Largest strip (in decoded pixels) converted at once by :func:`to_rgb`; bounds the extra
+#: memory of a mode conversion to a few MiB whatever the image size.
+STRIP_PIXELS = 1 << 18
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def pixel_range(img: Image.Image) -> tuple[float, float] | None:
+    """``(min, max)`` over the whole image for the modes whose conversion depends on it (``I``,
+    ``F``), else None. Computed by Pillow without any copy of the raster."""
+    if img.mode in ("I", "F"):
+        lo, hi = img.getextrema()
+        return float(lo), float(hi)
+    return None
+
+
+def _strip_to_rgb(img: Image.Image, value_range: tuple[float, float] | None) -> Image.Image:
+    """Pointwise conversion of one (small) image to 8-bit RGB; see :func:`to_rgb`."""
     mode = img.mode
     if mode == "RGB":
         return img
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        if mode == "RGB":
+            return img
+    if mode in _SIXTEEN_BIT:
+        # floor(v / 65535 * 255 + 0.5) in exact integer arithmetic, in place (no float64 copy)
+        v = np.asarray(img).astype(np.uint32)
+        v *= 510
+        v += 65535
+        v //= 131070
+        return Image.fromarray(v.astype(np.uint8), mode="L").convert("RGB")
+    if mode == "I":
+        v = np.asarray(img).astype(np.int64)
+        if value_range is None or value_range[1] > 255:
+            v *= 510
+            v += 65535
+            v //= 131070
+        np.clip(v, 0, 255, out=v)
+        return Image.fromarray(v.astype(np.uint8), mode="L").convert("RGB")
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        lo, hi = value_range if value_range is not None else (float(arr.min()), float(arr.max()))
+        arr = np.zeros_like(arr) if hi <= lo else np.clip((arr - lo) / (hi - lo) * 255.0, 0, 255)
         return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
     if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
         rgba = img.convert("RGBA")
@@ -118,28 +147,34 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(
-    data: bytes | BinaryIO | str | os.PathLike[str],
-    *,
-    limits: DecodeLimits = DEFAULT_LIMITS,
-    source: str | None = None,
-    draft_size: tuple[int, int] | None = None,
-) -> Image.Image:
-    """Decode an image safely into an 8-bit RGB :class:`PIL.Image.Image`.
+def to_rgb(img: Image.Image, *, value_range: tuple[float, float] | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white.
 
-    Args:
-        data: encoded bytes, a binary file object, or a path.
-        limits: byte, pixel and side limits.
-        source: name used in error messages (defaults to the path or ``<upload>``).
-        draft_size: if given, JPEGs may be decoded at a reduced scale (DCT scaling) no
-            smaller than this ``(w, h)``; used where the exact full size is not needed.
+    16-bit grey maps ``v -> round(v / 65535 * 255)``; 32-bit ``I`` the same unless its maximum
+    is <= 255 (then it is clipped as is); ``F`` is stretched from its min..max. Every conversion
+    is pointwise (``value_range`` carries the whole image's min/max for ``I``/``F``, see
+    :func:`pixel_range`), so a crop converts exactly like the same region of the whole image.
 
-    Returns:
-        An RGB image with EXIF orientation applied.
-
-    Raises:
-        ImageDecodeError: with ``code`` and a message naming ``source`` and the reason.
+    Memory: the RGB result plus one strip of at most :data:`STRIP_PIXELS` pixels at a time (no
+    full-size float64 or RGBA copies).
     """
+    if img.mode == "RGB":
+        return img
+    if value_range is None:
+        value_range = pixel_range(img)
+    w, h = img.size
+    if w * h <= STRIP_PIXELS:
+        return _strip_to_rgb(img, value_range)
+    out = Image.new("RGB", (w, h))
+    rows = max(1, STRIP_PIXELS // max(w, 1))
+    for y in range(0, h, rows):
+        y1 = min(h, y + rows)
+        out.paste(_strip_to_rgb(img.crop((0, y, w, y1)), value_range), (0, y))
+    return out
+
+
+def _read_bytes(data: bytes | BinaryIO | str | os.PathLike[str], limits: DecodeLimits,
+                source: str | None) -> tuple[bytes, str]:
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         source = source or str(path)
@@ -156,49 +191,16 @@ def decode_image(
         raw = bytes(data)
     else:
         raw = data.read(limits.max_bytes + 1)
-    source = source or "<upload>"
-    if len(raw) == 0:
-        raise ImageDecodeError("empty", "file is empty", source)
-    if len(raw) > limits.max_bytes:
-        raise ImageDecodeError("too_large", f"over the limit of {limits.max_bytes} bytes", source)
+    return raw, source or "<upload>"
 
-    fmt = _sniff_format(raw[:16])
-    if fmt is None:
-        other = _describe_other(raw[:16])
-        if other == "unknown":
-            raise ImageDecodeError("undecodable", "not a recognised image (unknown content)", source)
-        raise ImageDecodeError(
-            "unsupported_format",
-            f"format {other} is not allowed (allowed: JPEG, PNG, WebP, GIF)",
-            source,
-        )
 
+@contextmanager
+def decode_errors(source: str, fmt: str = "image") -> Iterator[None]:
+    """Map whatever Pillow (or a conversion) raises inside the block to :class:`ImageDecodeError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # MPO (multi-picture JPEG from cameras) has no opener of its own: the JPEG factory returns it.
-            img = Image.open(io.BytesIO(raw), formats=[fmt])
-            if img.format not in ALLOWED_FORMATS:
-                raise ImageDecodeError("unsupported_format", f"format {img.format} is not allowed", source)
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                raise ImageDecodeError(
-                    "too_many_pixels", f"{w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}", source
-                )
-            if max(w, h) > limits.max_side:
-                raise ImageDecodeError(
-                    "too_many_pixels", f"{w}x{h}: a side is over the limit of {limits.max_side} px", source
-                )
-            if min(w, h) < limits.min_side:
-                raise ImageDecodeError("too_small", f"{w}x{h} is under {limits.min_side} px per side", source)
-            if draft_size is not None and img.format in ("JPEG", "MPO"):
-                # DCT-domain downscale: never below the requested size, so quality is kept.
-                img.draft("RGB", draft_size)
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)  # animated GIF / MPO: first frame
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            yield
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -215,3 +217,98 @@ def decode_image(
     except (MemoryError, Exception) as exc:  # noqa: BLE001 - a decoder bug must not crash a job
         log.warning("unexpected decoder failure on %s: %r", source, exc)
         raise ImageDecodeError("undecodable", f"cannot decode {fmt} ({type(exc).__name__})", source) from None
+
+
+def open_image(
+    data: bytes | BinaryIO | str | os.PathLike[str],
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    source: str | None = None,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Validate and decode the first frame of an image, in the mode the file holds.
+
+    The checks and errors are those of :func:`decode_image`; the result is *not* converted to
+    RGB (use :func:`to_rgb`, or :meth:`models.preprocess.Preprocess.from_image`, which converts
+    only the region the model sees).
+
+    Cost: one decoded raster of the first frame (``w*h`` times Pillow's bytes per pixel: 4 for
+    RGB/RGBA/CMYK/P-with-alpha after conversion, 2 for 16-bit grey, 1 for L/P), bounded by
+    ``limits.max_pixels``; JPEGs with ``draft_size`` decode at a reduced DCT scale instead.
+    Other frames of an animation are never read (not even counted), so a GIF with 400k frames
+    costs what its first frame costs. An EXIF orientation other than 1 adds one copy of the raster.
+    """
+    raw, source = _read_bytes(data, limits, source)
+    if len(raw) == 0:
+        raise ImageDecodeError("empty", "file is empty", source)
+    if len(raw) > limits.max_bytes:
+        raise ImageDecodeError("too_large", f"over the limit of {limits.max_bytes} bytes", source)
+
+    fmt = _sniff_format(raw[:16])
+    if fmt is None:
+        other = _describe_other(raw[:16])
+        if other == "unknown":
+            raise ImageDecodeError("undecodable", "not a recognised image (unknown content)", source)
+        raise ImageDecodeError(
+            "unsupported_format",
+            f"format {other} is not allowed (allowed: JPEG, PNG, WebP, GIF)",
+            source,
+        )
+
+    with decode_errors(source, fmt):
+        # MPO (multi-picture JPEG from cameras) has no opener of its own: the JPEG factory returns it.
+        img = Image.open(io.BytesIO(raw), formats=[fmt])
+        if img.format not in ALLOWED_FORMATS:
+            raise ImageDecodeError("unsupported_format", f"format {img.format} is not allowed", source)
+        w, h = img.size
+        if w * h > limits.max_pixels:
+            raise ImageDecodeError(
+                "too_many_pixels", f"{w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}", source
+            )
+        if max(w, h) > limits.max_side:
+            raise ImageDecodeError(
+                "too_many_pixels", f"{w}x{h}: a side is over the limit of {limits.max_side} px", source
+            )
+        if min(w, h) < limits.min_side:
+            raise ImageDecodeError("too_small", f"{w}x{h} is under {limits.min_side} px per side", source)
+        if draft_size is not None and img.format in ("JPEG", "MPO"):
+            # DCT-domain downscale: never below the requested size, so quality is kept.
+            img.draft("RGB", draft_size)
+        # An opened animation (GIF, WebP, MPO) is positioned on its first frame. Asking for
+        # ``n_frames`` would walk every frame of a GIF, so it is never asked.
+        img.load()
+        # In place: without an orientation tag Pillow would otherwise return a full copy.
+        ImageOps.exif_transpose(img, in_place=True)
+        return img
+    raise AssertionError("unreachable")  # pragma: no cover - decode_errors re-raises
+
+
+def decode_image(
+    data: bytes | BinaryIO | str | os.PathLike[str],
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    source: str | None = None,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Decode an image safely into an 8-bit RGB :class:`PIL.Image.Image` (the whole image).
+
+    Args:
+        data: encoded bytes, a binary file object, or a path.
+        limits: byte, pixel and side limits.
+        source: name used in error messages (defaults to the path or ``<upload>``).
+        draft_size: if given, JPEGs may be decoded at a reduced scale (DCT scaling) no
+            smaller than this ``(w, h)``; used where the exact full size is not needed.
+
+    Returns:
+        An RGB image with EXIF orientation applied.
+
+    Cost: :func:`open_image`'s raster plus the full-size RGB result (4 bytes per pixel); use
+    :meth:`models.preprocess.Preprocess.load` where only the model input is needed.
+
+    Raises:
+        ImageDecodeError: with ``code`` and a message naming ``source`` and the reason.
+    """
+    img = open_image(data, limits=limits, source=source, draft_size=draft_size)
+    with decode_errors(source or "<upload>"):
+        return to_rgb(img)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 
-from models.decode import DecodeLimits, decode_image
+from models.decode import DecodeLimits
 from models.preprocess import Preprocess
 from service.errors import ApiError
 
@@ -126,9 +126,12 @@ def decode_to_input(data: bytes, preprocess: Preprocess, limits: DecodeLimits,
                     jpeg_draft: bool = True) -> np.ndarray:
     """Decode ``data`` safely and preprocess it -> (3, S, S) float32 model input.
 
+    Per-request decode bound (:meth:`models.preprocess.Preprocess.load`): memory is the first
+    frame's decoded raster (at most ``limits.max_pixels`` x 4 bytes; JPEGs are drafted to the
+    model's size) plus a few MiB of conversion strips, whatever the aspect ratio, bit depth,
+    alpha or frame count; time is linear in the first frame's pixels.
+
     Raises:
         models.ImageDecodeError: the image was refused (mapped to 400/413/415 by the app).
     """
-    img = decode_image(data, limits=limits, source="upload",
-                       draft_size=preprocess.draft_size() if jpeg_draft else None)
-    return preprocess(img)
+    return preprocess.load(data, limits=limits, source="upload", jpeg_draft=jpeg_draft)
