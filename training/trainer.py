@@ -482,17 +482,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if cached:
         from training.featcache import build_cache
 
-        base = ImageDataset(splits["train"], card, train=False, cache=True)
+        views = views_that_fit(model, card, splits, device, max_views=cfg.data.cached_views,
+                               budget_mb=cfg.data.cache_budget_mb)
+        base = ImageDataset(splits["train"], card, train=False, cache=in_ram)
         aug = base.view(train=True, scale_min=cfg.data.scale_min, color_jitter=cfg.data.color_jitter)
         # augmented views may use up to a third of the budget; the eval views always come first
         views_deadline = t_start + budget / 3 if budget else None
-        caches = {"train": build_cache(model.trunk, base, train_view=aug, views=cfg.data.cached_views, device=device,
+        caches = {"train": build_cache(model.trunk, base, train_view=aug, views=views, device=device,
                                        bf16=bf16, channels_last=cfg.channels_last, seed=cfg.seed,
                                        deadline=views_deadline, progress=progress, name="train")}
         for name in eval_names:
-            ds = ImageDataset(splits[name], card, train=False, cache=True)
-            caches[name] = build_cache(model.trunk, ds, device=device, bf16=bf16, channels_last=cfg.channels_last,
-                                       progress=progress, name=name)
+            caches[name] = build_cache(model.trunk, ImageDataset(splits[name], card, train=False), device=device,
+                                       bf16=bf16, channels_last=cfg.channels_last, progress=progress, name=name)
+        del base, aug  # the decoded images are not needed once their trunk outputs are cached
         loader = CachedBatches(caches["train"], sampler, cfg.seed)
         forward = model.forward_top_raw
 
@@ -667,6 +669,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     }
     (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def views_that_fit(model: EmbeddingNet, card: ModelCard, splits: dict[str, Any], device: torch.device, *,
+                   max_views: int, budget_mb: float) -> int:
+    """How many cached views of the training images fit in ``budget_mb`` of RAM after the eval
+    splits' single views; at most ``max_views``.
+
+    Raises:
+        ValueError: when not even the eval views fit, naming the settings that would.
+    """
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, card.image_size, card.image_size, device=device)
+        per_image = model.trunk(probe).numel() * 2  # bfloat16
+    budget = budget_mb * 2**20
+    n_eval = sum(len(splits[n]) for n in ("val", "test") if n in splits)
+    n_train = len(splits["train"])
+    fit = (budget - n_eval * per_image) // max(1, n_train * per_image)
+    if fit < 1:
+        need = (n_eval + n_train) * per_image / 2**20
+        raise ValueError(f"cached trunk features need {need:.0f} MB for one view but data.cache_budget_mb is "
+                         f"{budget_mb:g}: raise data.cache_budget_mb, or use model.trainable_stages -1 "
+                         "(train on images, no cache)")
+    if fit < max_views:
+        log.info("caching %d views of the training images (data.cached_views %d does not fit data.cache_budget_mb %g)",
+                 fit, max_views, budget_mb)
+    return int(min(fit, max_views))
 
 
 def _score(rec: dict[str, Any]) -> tuple[float, float]:

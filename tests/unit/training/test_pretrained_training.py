@@ -112,6 +112,29 @@ def test_resume_of_a_cached_run_equals_uninterrupted(tiny_data, tmp_path):
     assert res["epoch_chosen"] == json.loads((tmp_path / "a/eval.json").read_text())["epoch_chosen"]
 
 
+def test_cached_views_are_limited_by_the_ram_budget(tiny_data, tmp_path):
+    # 32 px, trainable_stages 1: the trunk output is 192x1x1 bfloat16 = 384 bytes per image and view;
+    # 80 images: eval views 40 * 384, each train view 40 * 384 bytes
+    from models.net import EmbeddingNet
+    from training.trainer import card_from_config, splits_from_config, views_that_fit
+
+    cfg = _cfg(tiny_data, tmp_path / "run")
+    card = card_from_config(cfg)
+    model = EmbeddingNet(card)
+    model.split(1)
+    splits = splits_from_config(cfg)
+    per_view = len(splits["train"]) * 384
+    n_eval = len(splits["val"]) + len(splits["test"])
+
+    def fit(budget_bytes: int) -> int:
+        return views_that_fit(model, card, splits, torch.device("cpu"), max_views=8, budget_mb=budget_bytes / 2**20)
+
+    assert fit(n_eval * 384 + 3 * per_view) == 3
+    assert fit(n_eval * 384 + 100 * per_view) == 8
+    with pytest.raises(ValueError, match="cache_budget_mb"):
+        fit(n_eval * 384 + per_view - 1)
+
+
 def test_plan_steps_arithmetic():
     p = plan_steps(budget_s=100, spent_s=20, step_s=0.5, eval_s=5, reserve_s=10, steps_per_epoch=10, max_epochs=99)
     # 70 s left, each step costs 0.5 + 5/10 = 1 s
