@@ -76,16 +76,27 @@ def cpu_info() -> dict:
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    limits = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
     return {"model": model, "cores": os.cpu_count(), "flags": {f: f in flags for f in wanted},
-            "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
+            "native_bf16": bf16_supported(), **({"isa_limited_by": limits} if limits else {})}
 
 
 def bf16_supported() -> bool:
-    """True when this CPU has native bf16 (AVX512-BF16 or AMX), or a CUDA GPU supports it."""
+    """True when this CPU has native bf16 (AVX512-BF16 or AMX), or a CUDA GPU supports it.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` / ``ONEDNN_MAX_CPU_ISA=AVX2`` (PyTorch's and oneDNN's own
+    switches, which make a bf16 CPU run like an AVX2-only one) count as "no native bf16".
+    """
+    import os
+
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if aten in ("default", "avx2") or (isa and not ("AVX512_CORE_BF16" in isa or "AMX" in isa or isa == "ALL")):
+        return False
     try:
         with open("/proc/cpuinfo") as fh:
             flags = fh.read()

@@ -139,3 +139,20 @@ def test_embedding_net_split_freezes_the_trunk():
     with torch.no_grad():
         torch.testing.assert_close(net.forward_top_raw(trunk(x)), net.forward_raw(x))
     assert set(net.state_dict()) == set(EmbeddingNet(card).state_dict())  # views, not new parameters
+
+
+def test_isa_limits_count_as_no_native_bf16(monkeypatch):
+    """PyTorch's/oneDNN's own ISA switches make a bf16 CPU behave like an AVX2-only one; the
+    trainer's amp=auto and cpu_info() follow them."""
+    from models.backends import bf16_supported, cpu_info
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert bf16_supported() is False
+    info = cpu_info()
+    assert info["native_bf16"] is False and info["isa_limited_by"] == {"ATEN_CPU_CAPABILITY": "avx2"}
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert bf16_supported() is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    flags = cpu_info()["flags"]
+    assert bf16_supported() == (flags["avx512_bf16"] or flags["amx_bf16"])
