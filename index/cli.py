@@ -1,4 +1,4 @@
-"""``lookalike index {build,add,remove,info,search,checkpoint}``. Import-light: heavy imports
+"""``lookalike index {build,add,remove,info,search,checkpoint,snapshot,restore}``. Import-light: heavy imports
 happen inside the handlers."""
 
 from __future__ import annotations
@@ -77,6 +77,22 @@ def register(subparsers) -> None:
     c = sub.add_parser("checkpoint", help="publish the current state as a new generation")
     c.add_argument("index", help="index directory")
     c.set_defaults(func=cmd_checkpoint)
+
+    sn = sub.add_parser("snapshot", help="back up an index into one .tar (consistent while a server writes)",
+                        description="Write a consistent snapshot of INDEX to OUT (a tar file). Safe while a "
+                                    "server or a batch job writes: every write acknowledged before the snapshot "
+                                    "began is in it. Restore it with `lookalike index restore OUT DIR`.")
+    sn.add_argument("index", help="index directory")
+    sn.add_argument("out", help="tar file to write (must not exist)")
+    sn.set_defaults(func=cmd_snapshot)
+
+    rs = sub.add_parser("restore", help="restore a snapshot into a new index directory",
+                        description="Extract and verify a snapshot made by `lookalike index snapshot` into a "
+                                    "new directory, then open it (FAISS is replayed or rebuilt from the stored "
+                                    "vectors; nothing is re-embedded).")
+    rs.add_argument("snapshot", help="tar file made by `lookalike index snapshot`")
+    rs.add_argument("out", help="index directory to create (must not exist, or be empty)")
+    rs.set_defaults(func=cmd_restore)
 
 
 def _read_classes(path: str | None) -> list[str] | None:
@@ -244,4 +260,19 @@ def cmd_checkpoint(args) -> int:
         gen = store.checkpoint()
         info = store.info()
     print(f"published generation {gen}: {info['ntotal']} images, {info['factory']}, recall@10 {info['recall_at_10']:.3f}")
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    from index.snapshot import snapshot
+
+    print(snapshot(args.index, args.out).summary())
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from index.snapshot import restore
+
+    info = restore(args.snapshot, args.out)
+    print(f"restored {args.out}: {info['ntotal']} images, {info['factory']}, generation {info['generation']}")
     return 0
