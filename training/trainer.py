@@ -634,6 +634,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         log.info("epoch %d (step %d/%d) %s", epoch + 1, scheduler.last_epoch, total_steps(), _fmt(rec))
         epoch += 1
     finished = not (epoch < cfg.epochs and scheduler.last_epoch < total_steps())
+    if budget:
+        log.info("budget %.0f s: planned %d steps, ran %d in %d epochs; %.0f s so far (final evaluation and saving "
+                 "follow)", budget, total_steps(), scheduler.last_epoch, epoch, time.perf_counter() - t_start)
 
     final = history[-1]
     chosen = final["epoch"]
