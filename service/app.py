@@ -14,7 +14,8 @@ from fastapi.staticfiles import StaticFiles
 
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware, SecurityHeadersMiddleware
+from service.middleware import (BodyBufferMiddleware, BodyLimitMiddleware, MetricsMiddleware,
+                                SecurityHeadersMiddleware)
 from service.routers import health, images, index, page, search
 from service.settings import Settings
 from service.state import BackendFactory, IndexOpener, ServiceState
@@ -62,12 +63,15 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
 
-    # Added innermost first: Metrics(SecurityHeaders(BodyLimit([CORS](app)))).
+    # Added innermost first: Metrics(SecurityHeaders(BodyLimit(BodyBuffer([CORS](app))))).
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
+    app.add_middleware(BodyBufferMiddleware, timeout_s=settings.body_timeout_s,
+                       max_buffered_bytes=max(settings.max_buffered_body_bytes, settings.max_body_bytes),
+                       retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -1,4 +1,5 @@
-"""Pure ASGI middlewares: request body cap, request metrics, security headers.
+"""Pure ASGI middlewares: request body cap, whole-body read before the app, request metrics,
+security headers.
 
 They are plain ASGI (not ``BaseHTTPMiddleware``) so they add microseconds, stream the body
 through untouched, and see every response including the error ones.
@@ -131,6 +132,101 @@ class BodyLimitMiddleware:
         if exceeded and not started:
             await self._refuse(send)
             await self._drain(receive, received)
+
+
+class BodyBufferMiddleware:
+    """Read a request's whole body, within ``timeout_s``, before the app sees the request.
+
+    Why: the routes take an inference admission slot as they start. Without this, a client
+    sending its upload at 3 bytes/s holds a slot for as long as it likes, and 64 of them refuse
+    every other search. Here a request reaches the app (and admission) only once its body has
+    fully arrived; a body still incomplete after ``timeout_s`` is answered 408 and the
+    connection closed. Requests without a body (GET, HEAD, DELETE, OPTIONS, or a zero
+    Content-Length) pass straight through.
+
+    Memory: bodies are held until the app returns, so at most ``max_buffered_bytes`` are held
+    across all requests (a declared Content-Length is reserved up front); beyond it the request
+    gets the JSON 503 with Retry-After. Each body is also capped by the
+    :class:`BodyLimitMiddleware` outside this one.
+    """
+
+    NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+    def __init__(self, app: ASGIApp, *, timeout_s: float, max_buffered_bytes: int, retry_after_s: int = 1) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+        self.max_buffered_bytes = max_buffered_bytes
+        self.retry_after_s = retry_after_s
+        self.buffered = 0  #: bytes reserved by bodies held right now (event-loop only: no lock)
+
+    async def _answer(self, send: Send, status: int, code: str, message: str, extra=()) -> None:
+        start, body = _json_message(status, code, message, [(b"connection", b"close"), *extra])
+        await send(start)
+        await send(body)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in self.NO_BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        chunked = False
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit():
+                declared = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        if declared == 0 and not chunked:
+            await self.app(scope, receive, send)
+            return
+        reserved = declared or 0
+        if self.buffered + reserved > self.max_buffered_bytes:
+            await self._answer(send, 503, "unavailable", "overloaded: too many uploads in progress, retry shortly",
+                               [(b"retry-after", str(self.retry_after_s).encode())])
+            return
+        self.buffered += reserved
+        try:
+            chunks: list[bytes] = []
+            got = 0
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    while True:
+                        msg = await receive()
+                        if msg["type"] == "http.disconnect":
+                            return  # nobody to answer
+                        body = msg.get("body", b"")
+                        if body:
+                            chunks.append(body)
+                            got += len(body)
+                            if got > reserved:  # chunked, or more than announced: reserve as it comes
+                                extra = got - reserved
+                                if self.buffered + extra > self.max_buffered_bytes:
+                                    await self._answer(send, 503, "unavailable",
+                                                       "overloaded: too many uploads in progress, retry shortly",
+                                                       [(b"retry-after", str(self.retry_after_s).encode())])
+                                    return
+                                self.buffered += extra
+                                reserved = got
+                        if not msg.get("more_body", False):
+                            break
+            except TimeoutError:
+                log.info("request body incomplete after %.0f s (%d bytes): 408", self.timeout_s, got)
+                await self._answer(send, 408, "request_timeout",
+                                   f"the request body did not arrive within {self.timeout_s:g} s")
+                return
+            whole = b"".join(chunks)
+            del chunks
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": whole, "more_body": False}
+                return await receive()  # after the body: only http.disconnect
+
+            await self.app(scope, replay, send)
+        finally:
+            self.buffered -= reserved
 
 
 class MetricsMiddleware:

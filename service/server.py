@@ -51,32 +51,72 @@ def reexec_clean(overrides: dict) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "service"], env)
 
 
+def http_protocol(settings: Settings):
+    """uvicorn ``http=`` value: the guarded httptools protocol (header timeout and limits, JSON
+    503 at the connection limit), or uvicorn's h11 with its header-size limit if httptools is
+    missing (then the connection limit is uvicorn's own, plain-text)."""
+    try:
+        from service.protocol import HttpLimits, guarded_protocol
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
+        log.warning("httptools is not installed: no header timeout or count limit, plain-text 503 at the "
+                    "connection limit (install uvicorn[standard])")
+        return "h11"
+    return guarded_protocol(HttpLimits(
+        header_timeout_s=settings.header_timeout_s, max_header_count=settings.max_header_count,
+        max_header_bytes=settings.max_header_bytes, limit_concurrency=settings.limit_concurrency,
+        retry_after_s=settings.retry_after_s,
+    ))
+
+
 def run(settings: Settings) -> int:
-    """Serve ``settings`` with uvicorn until stopped. RuntimeError if the app failed to start."""
+    """Serve ``settings`` with uvicorn until stopped. RuntimeError if the app failed to start.
+
+    Returns 0 after a clean stop (SIGTERM or SIGINT included) once the shutdown checkpoint has
+    run, 1 if it failed. On SIGTERM, requests in progress get ``graceful_shutdown_s`` to finish,
+    then they are cancelled and their connections closed; the checkpoint runs after either way.
+    """
+    import signal
+
     import uvicorn
 
     from service.app import create_app
 
     app = create_app(settings)
+    http = http_protocol(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         workers=1,  # one process: one model copy, one index writer
         access_log=settings.access_log,
-        limit_concurrency=settings.limit_concurrency,
+        http=http,
+        # the guarded protocol applies the limit itself (to requests, with the JSON 503)
+        limit_concurrency=settings.limit_concurrency if isinstance(http, str) else None,
         timeout_keep_alive=settings.timeout_keep_alive,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         log_config=None,  # keep the caller's logging setup
         lifespan="on",
         server_header=False,
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it is done; a handler of ours receives it
+    # instead of the default action (death by SIGTERM, status 143), so a clean stop exits 0.
+    stop_signals: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signals.append(signum))
     try:
         server.run()
     except SystemExit:  # uvicorn exits with status 3 when the lifespan fails
         if getattr(server, "started", False):
             raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not getattr(server, "started", False):
         reason = app.state.lookalike.error or "see the log above"
         raise RuntimeError(f"the service did not start: {reason}")
+    state = app.state.lookalike
+    if state.shutdown_error:
+        log.error("stopped, but the shutdown checkpoint failed: %s", state.shutdown_error)
+        return 1
+    log.info("stopped cleanly%s", " (SIGTERM)" if stop_signals else "")
     return 0

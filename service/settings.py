@@ -76,8 +76,22 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; empty = CORS closed")
     access_log: bool = False
-    limit_concurrency: int = Field(512, ge=1, description="uvicorn: connections beyond this get 503")
+    limit_concurrency: int = Field(
+        512, ge=1, description="requests in progress (headers received) beyond this get JSON 503 + Retry-After; "
+        "connections still sending headers do not count")
     timeout_keep_alive: int = Field(5, ge=1)
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must all arrive within this (408 JSON, or close if none came)")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must fully arrive within this (408 JSON); only then does the "
+        "request count against inference admission")
+    max_header_count: int = Field(100, ge=8, description="more request headers get 431 JSON")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line + headers over this get 431 JSON")
+    max_buffered_body_bytes: int = Field(
+        256 * MiB, ge=1, description="request bodies held in memory at once, all requests together; beyond: 503")
+    graceful_shutdown_s: float = Field(
+        10.0, ge=0, description="on SIGTERM, wait this long for requests in progress, then close them; the index "
+        "checkpoint runs after either way")
 
     @field_validator("api_key", mode="before")
     @classmethod

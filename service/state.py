@@ -119,6 +119,7 @@ class ServiceState:
         self.ready = False
         self.error: str | None = None
         self.stopping = False
+        self.shutdown_error: str | None = None  #: why the shutdown checkpoint failed, if it did
         self.decode_pool: ThreadPoolExecutor | None = None
         self.write_pool: ThreadPoolExecutor | None = None
         self._writes_since_checkpoint = 0
@@ -241,6 +242,9 @@ class ServiceState:
             if self.writable and self._dirty:
                 gen = self.store.checkpoint()
                 log.info("checkpointed index generation %d at shutdown", gen)
+        except Exception as exc:  # noqa: BLE001 - writes stay durable in the index log; reported
+            self.shutdown_error = f"{type(exc).__name__}: {exc}"
+            log.error("shutdown checkpoint failed (acknowledged writes stay in the index log): %s", exc)
         finally:
             self.store.close()
 

@@ -1,0 +1,170 @@
+"""uvicorn's httptools HTTP/1.1 protocol with the guards a public service needs.
+
+uvicorn alone (0.54, httptools) has no header-read timeout, no header count/size limit, and
+answers its connection limit with a plain-text 503 without Retry-After; it also counts idle and
+slow-header *connections* against that limit, so 600 clients trickling headers refuse everyone
+else. :func:`guarded_protocol` returns a subclass that:
+
+* closes a connection whose request headers have not all arrived within ``header_timeout_s``
+  of its first byte (or of the connection, if it sends nothing): 408 JSON if a request had
+  begun, a plain close otherwise;
+* answers more than ``max_header_count`` headers, or more than ``max_header_bytes`` before the
+  end of the headers, with 431 JSON and closes (the bytes are counted as they arrive, so a 1 MB
+  header is refused after the first ``max_header_bytes``, not buffered whole);
+* counts only requests whose headers are complete (running ASGI tasks) against
+  ``limit_concurrency`` and answers beyond it with the service's JSON 503 + ``Retry-After``.
+
+Every answer has the one error shape ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Connection-level limits (seconds, counts, bytes)."""
+
+    header_timeout_s: float = 10.0
+    max_header_count: int = 100
+    max_header_bytes: int = 32 * 1024
+    limit_concurrency: int | None = 512
+    retry_after_s: int = 1
+
+
+def error_bytes(status: int, code: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A whole HTTP/1.1 response (JSON error body, ``Connection: close``) as bytes."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Error")),
+             b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]
+    lines += [k + b": " + v for k, v in extra]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def overloaded_app(retry_after_s: int):
+    """ASGI app answering the connection limit with the JSON 503 (and Retry-After)."""
+    body = json.dumps({"error": {"code": "unavailable",
+                                 "message": "overloaded: too many requests in progress, retry shortly"}}).encode()
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(retry_after_s).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return app
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """See the module docstring; ``limits`` is set on the subclass :func:`guarded_protocol` makes."""
+
+    limits: HttpLimits = HttpLimits()
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_bytes = 0
+        self._header_count = 0
+        self._headers_done = False
+        self._refused = False
+        self._header_timer = None
+        self._overloaded = overloaded_app(self.limits.retry_after_s)
+        self._arm_header_timer()
+
+    # ---- header timeout -----------------------------------------------------------------------
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None and self.limits.header_timeout_s > 0:
+            self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._headers_done or self.transport.is_closing():
+            return
+        if self._header_bytes > 0:
+            log.info("closing %s: request headers incomplete after %.0f s", self.client, self.limits.header_timeout_s)
+            self._refuse(408, "request_timeout",
+                         f"request headers did not arrive within {self.limits.header_timeout_s:g} s")
+        else:
+            self.transport.close()
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        self._refused = True
+        self._cancel_header_timer()
+        if not self.transport.is_closing():
+            self.transport.write(error_bytes(status, code, message))
+            self.transport.close()
+
+    # ---- data and parser callbacks --------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if not self._headers_done:
+            self._header_bytes += len(data)
+            if self._header_timer is None:  # first bytes of a request on a kept-alive connection
+                self._arm_header_timer()
+        super().data_received(data)
+        if self._refused:
+            return
+        if self._header_count > self.limits.max_header_count:
+            self._refuse(431, "headers_too_large", f"more than {self.limits.max_header_count} request headers")
+        elif not self._headers_done and self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(431, "headers_too_large",
+                         f"request line and headers are over {self.limits.max_header_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count <= self.limits.max_header_count:
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        if self._header_count > self.limits.max_header_count:
+            self._headers_done = True
+            self._refuse(431, "headers_too_large", f"more than {self.limits.max_header_count} request headers")
+            return
+        self._headers_done = True
+        limit = self.limits.limit_concurrency
+        if limit is not None and len(self.tasks) >= limit:
+            log.warning("connection limit: %d requests in progress; answering 503", len(self.tasks))
+            app, self.app = self.app, self._overloaded
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        super().on_message_complete()
+        # the next bytes on this connection start a new request
+        self._headers_done = False
+        self._header_bytes = 0
+        self._header_count = 0
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+
+def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
+    """A :class:`GuardedHttpToolsProtocol` subclass bound to ``limits`` (uvicorn's ``http=``)."""
+    return type("LookalikeHttpProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
