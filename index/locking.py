@@ -38,15 +38,27 @@ class WriterLock:
         self._key: tuple[int, int] | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
+        """Take the lock or raise :class:`IndexLockedError` naming the holder.
+
+        A second acquire in the holding process is refused *without opening the file*: closing
+        any descriptor of a file drops every POSIX lock the process holds on it, so the refusal
+        itself used to release the first writer's lock and let another process take it.
+        """
         with _HELD_GUARD:
-            if key in _HELD:
-                os.close(fd)  # same process: must not touch the lock through another descriptor
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) in _HELD:
                 raise IndexLockedError(
-                    f"{self.path.parent}: another writer in this process holds the index lock ({_HELD[key]})"
+                    f"{self.path.parent}: another writer in this process holds the index lock "
+                    f"({_HELD[(st.st_dev, st.st_ino)]})"
                 )
+            # Not held by this process (checked under the guard, so no thread of ours opens it
+            # meanwhile): opening and, on refusal, closing this descriptor drops no lock of ours.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
