@@ -14,6 +14,9 @@ _LAZY = {
     "IngestReport": "index.ingest",
     "index_folder": "index.ingest",
     "Embedder": "index.ingest",
+    "FeedbackRecord": "index.feedback",
+    "add_feedback": "index.feedback",
+    "read_feedback": "index.feedback",
 }
 
 __getattr__ = lazy_getattr("index", _LAZY)

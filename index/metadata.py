@@ -159,6 +159,23 @@ class MetadataDB:
             self._wcon.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # -- writes --------------------------------------------------------------------------
+    @contextmanager
+    def write_transaction(self) -> Iterator[sqlite3.Connection]:
+        """One durable write transaction on the writer connection (``BEGIN IMMEDIATE`` under the
+        write mutex): committed, and on disk, when the block exits; rolled back if it raises.
+        For tables kept beside the images (e.g. :mod:`index.feedback`)."""
+        if self.readonly:
+            raise PermissionError(f"{self.path}: opened read-only")
+        with self._wlock:
+            con = self._wcon
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
     def add(self, vectors: np.ndarray, records: Sequence[dict]) -> tuple[list[int], list[tuple[int, int]], int]:
         """Insert records with their (N, D) float32 vectors in one durable transaction.
 
