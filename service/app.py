@@ -16,7 +16,7 @@ from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import (BodyBufferMiddleware, BodyLimitMiddleware, MetricsMiddleware,
                                 SecurityHeadersMiddleware)
-from service.routers import health, images, index, page, search
+from service.routers import feedback, health, images, index, page, search
 from service.settings import Settings
 from service.state import BackendFactory, IndexOpener, ServiceState
 
@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
     app.state.lookalike = ServiceState(settings, metrics, backend_factory=backend_factory, index_opener=index_opener)
     app.state.settings = settings
     install_error_handlers(app)
-    for r in (search.router, images.router, index.router, health.router, page.router):
+    for r in (search.router, images.router, index.router, health.router, page.router, feedback.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
 
