@@ -1,4 +1,4 @@
-"""``lookalike index {build,add,remove,info,search,checkpoint,snapshot,restore}``. Import-light: heavy imports
+"""``lookalike index {build,add,remove,info,search,checkpoint,snapshot,restore,feedback}``. Import-light: heavy imports
 happen inside the handlers."""
 
 from __future__ import annotations
@@ -93,6 +93,17 @@ def register(subparsers) -> None:
     rs.add_argument("snapshot", help="tar file made by `lookalike index snapshot`")
     rs.add_argument("out", help="index directory to create (must not exist, or be empty)")
     rs.set_defaults(func=cmd_restore)
+
+    fb = sub.add_parser("feedback", help="list the relevance feedback marked on search results",
+                        description="List the right/wrong marks users gave search results (POST /v1/feedback, "
+                                    "the search page): counts by verdict, then each mark. By default only the "
+                                    "latest mark of each (query, result) pair, which is what "
+                                    "`lookalike train --feedback INDEX` uses. Safe while a server writes.")
+    fb.add_argument("index", help="index directory")
+    fb.add_argument("--all", action="store_true", help="every mark, also those a later one superseded")
+    fb.add_argument("--images-root", help="where the indexed folder's images are, if not where it was built")
+    fb.add_argument("--json", action="store_true", help="print JSON")
+    fb.set_defaults(func=cmd_feedback)
 
 
 def _read_classes(path: str | None) -> list[str] | None:
@@ -275,4 +286,35 @@ def cmd_restore(args) -> int:
 
     info = restore(args.snapshot, args.out)
     print(f"restored {args.out}: {info['ntotal']} images, {info['factory']}, generation {info['generation']}")
+    return 0
+
+
+def cmd_feedback(args) -> int:
+    from collections import Counter
+
+    from index.feedback import VERDICTS, read_feedback
+
+    records = read_feedback(args.index, images_root=args.images_root, latest=not args.all)
+    counts = Counter(r.verdict for r in records)
+    if args.json:
+        print(json.dumps({
+            "counts": {v: counts.get(v, 0) for v in VERDICTS},
+            "records": [{"id": r.id, "verdict": r.verdict, "query_id": r.query_id, "query_label": r.query_label,
+                         "query_image": str(r.query_image), "result_id": r.result_id,
+                         "result_label": r.result_label, "result_image": str(r.result_image)} for r in records],
+        }, indent=2))
+        return 0
+    which = "marks" if args.all else "marks (latest per query/result pair)"
+    print(f"{len(records)} {which}: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS))
+    if not records:
+        return 0
+    print(f"{'id':>6}  {'verdict':<7}  {'query':<32}  result")
+
+    def show(image_id, label, path) -> str:
+        who = f"#{image_id}" if image_id is not None else "upload"
+        return f"{who} [{label}]" if label else f"{who} {path.name}"
+
+    for r in records:
+        print(f"{r.id:>6}  {r.verdict:<7}  {show(r.query_id, r.query_label, r.query_image):<32}  "
+              f"{show(r.result_id, r.result_label, r.result_image)}")
     return 0

@@ -4,6 +4,7 @@ reads, reopening, and a mark acknowledged before SIGKILL."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -213,3 +214,28 @@ def test_acknowledged_mark_survives_sigkill(store, tmp_path):
     s = IndexStore.open(d, writable=True)
     s.close()
     assert not os.path.exists(d / "feedback")  # no uploads were involved
+
+
+def test_cli_lists_counts_and_records(store, tmp_path, capsys):
+    from lookalike.cli import main
+
+    d = str(tmp_path / "idx")
+    assert main(["index", "feedback", d]) == 0
+    assert capsys.readouterr().out.startswith("0 marks (latest per query/result pair): 0 wrong, 0 right")
+    add_feedback(store, verdict="right", result_id=4, query_id=1)
+    add_feedback(store, verdict="wrong", result_id=4, query_id=1)  # supersedes the first
+    add_feedback(store, verdict="right", result_id=2, query_id=1)
+    add_feedback(store, verdict="wrong", result_id=5, query_bytes=_png(2))
+    assert main(["index", "feedback", d]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "3 marks (latest per query/result pair): 2 wrong, 1 right"
+    assert out[2].split() == ["2", "wrong", "#1", "[a]", "#4", "[b]"]
+    assert out[4].split()[:3] == ["4", "wrong", "upload"] and out[4].split()[-2:] == ["#5", "[b]"]
+    assert main(["index", "feedback", d, "--all", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["counts"] == {"wrong": 2, "right": 2} and len(body["records"]) == 4
+    first = body["records"][0]
+    assert (first["verdict"], first["query_id"], first["result_id"], first["result_label"]) == ("right", 1, 4, "b")
+    assert first["result_image"] == str((tmp_path / "images").resolve() / "b/3.jpg")
+    assert main(["index", "feedback", str(tmp_path / "none")]) == 2
+    assert "not a lookalike index" in capsys.readouterr().err
