@@ -555,8 +555,14 @@ class IndexStore:
         up.mkdir(exist_ok=True)
         name = f"{sha}.{ext}"
         gens.atomic_write_bytes(up / name, bytes(data))
-        (i,) = self.add(v, [{"path": name, "label": label, "sha256": sha, "size": len(data), "mtime": time.time(),
-                          "source": "upload"}])
+        try:
+            (i,) = self.add(v, [{"path": name, "label": label, "sha256": sha, "size": len(data),
+                                 "mtime": time.time(), "source": "upload"}])
+        except BaseException:
+            # not indexed (e.g. the disk filled up): leave no orphan file behind
+            if self.db.by_sha(sha) is None:
+                (up / name).unlink(missing_ok=True)
+            raise
         rec = self.db.get(i)
         assert rec is not None
         return rec

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.decode import ImageDecodeError
+from service.storage import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ _STATUS_CODES = {
     429: "too_many_requests",
     500: "internal",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -70,6 +72,11 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 def from_decode_error(exc: ImageDecodeError) -> ApiError:
     """Map a refused image to its HTTP error (the message names no server path)."""
     return ApiError(DECODE_STATUS.get(exc.code, 400), exc.code, exc.reason)
+
+
+def insufficient_storage(message: str) -> ApiError:
+    """507: the index volume is full (the message names the cause; reads keep working)."""
+    return ApiError(507, "insufficient_storage", message)
 
 
 def unavailable(message: str, retry_after_s: int) -> ApiError:
@@ -108,5 +115,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_disk_full(exc):
+            log.warning("disk full on %s %s: %s", request.method, request.url.path, exc)
+            return error_response(507, "insufficient_storage",
+                                  "the server's volume is full; free space there and retry. Searches keep working")
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal", "internal server error")

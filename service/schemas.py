@@ -96,3 +96,6 @@ class Readiness(BaseModel):
     backend: str
     index_size: int
     generation: int
+    writable: bool = Field(True, description="writes are accepted now: enabled, and the index volume has "
+                                             "at least LOOKALIKE_MIN_FREE_MB free (false while it is full; "
+                                             "searches keep working)")

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     refresh_interval_s: float = Field(
         5.0, ge=0.0, description="read-only servers: pick up another process's index writes this often (0 = never)"
     )
+    min_free_mb: float = Field(
+        64.0, ge=0, description="writes answer 507 while the index volume has less free space than this, "
+        "keeping room for the index's own checkpoint; they resume by themselves once space is freed")
     checkpoint_every: int = Field(
         1000, ge=0, description="publish a new index generation after this many writes (0 = only at shutdown)"
     )

@@ -24,9 +24,10 @@ import numpy as np
 
 from models.decode import DecodeLimits
 from service.batching import MicroBatcher, NotRunning, Overloaded, Ticket
-from service.errors import ApiError, unavailable
+from service.errors import ApiError, insufficient_storage, unavailable
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+from service.storage import MiB, StorageGuard, is_disk_full
 from service.uploads import decode_to_input
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,9 @@ class ServiceState:
         self.write_pool: ThreadPoolExecutor | None = None
         self._writes_since_checkpoint = 0
         self._dirty = False
+        self.storage: StorageGuard | None = None
+        self._checkpoint_failures = 0
+        self._checkpoint_not_before = 0.0  # time.monotonic() before which no periodic checkpoint is tried
         self._load_task: asyncio.Task | None = None
         self._refresh_task: asyncio.Task | None = None
         metrics.bind(
@@ -135,6 +139,11 @@ class ServiceState:
     @property
     def writable(self) -> bool:
         return self.settings.writes_enabled
+
+    @property
+    def writes_available(self) -> bool:
+        """Writes enabled and the index volume above the free-space guard (checked now)."""
+        return self.writable and (self.storage is None or not self.storage.low())
 
     @property
     def backend_name(self) -> str:
@@ -185,6 +194,7 @@ class ServiceState:
         if self.store.fingerprint != self.card.fingerprint:
             raise RuntimeError("index was built with another model (fingerprints differ)")
         self.batcher.attach_index(self.store)
+        self.storage = StorageGuard(getattr(self.store, "directory", s.index_dir or "."), int(s.min_free_mb * MiB))
         # End-to-end self-check: one query through the real pipeline.
         size = self.card.image_size
         with self.batcher.admit() as ticket:
@@ -303,26 +313,61 @@ class ServiceState:
         return await asyncio.to_thread(fn, *args)
 
     async def write(self, fn: Callable[[Any], Any]) -> Any:
-        """Run ``fn(store)`` in the single writer thread; returns once it is durable."""
+        """Run ``fn(store)`` in the single writer thread; returns once it is durable.
+
+        Raises:
+            ApiError: 403 read-only; 507 while the index volume is under the free-space guard,
+                or when the write itself hit a full disk (nothing was acknowledged then).
+        """
         if not self.writable:
             raise ApiError(403, "writes_disabled", "this service is read-only")
+        if self.storage is not None and self.storage.low():
+            self.metrics.rejected.labels("disk_full").inc()
+            raise insufficient_storage(self.storage.message())
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.write_pool, self._write, fn)
 
     def _write(self, fn: Callable[[Any], Any]) -> Any:
-        result = fn(self.store)
+        try:
+            result = fn(self.store)
+        except Exception as exc:
+            if is_disk_full(exc):
+                log.warning("write refused, disk full: %s", exc)
+                self.metrics.rejected.labels("disk_full").inc()
+                raise insufficient_storage(self.storage.message() if self.storage is not None else
+                                           "the index volume is full; free space there and retry") from None
+            raise
         self._dirty = True
         self._writes_since_checkpoint += 1
-        every = self.settings.checkpoint_every
-        if every and self._writes_since_checkpoint >= every:
-            try:
-                gen = self.store.checkpoint()
-                self._writes_since_checkpoint = 0
-                self._dirty = False
-                log.info("checkpointed index generation %d after %d writes", gen, every)
-            except Exception:  # noqa: BLE001 - the write itself is durable in the log already
-                log.exception("checkpoint failed; writes stay durable in the index log")
+        self._maybe_checkpoint()
         return result
+
+    def _maybe_checkpoint(self) -> None:
+        """Periodic checkpoint after ``checkpoint_every`` writes. A failed one is not retried on
+        every following write (that was a storm of full index saves on a full disk): it waits
+        5 s, 10 s, 20 s ... up to 5 min, and not at all while the volume is under the guard."""
+        every = self.settings.checkpoint_every
+        if not every or self._writes_since_checkpoint < every:
+            return
+        if time.monotonic() < self._checkpoint_not_before:
+            return
+        if self.storage is not None and self.storage.low():
+            self._checkpoint_not_before = time.monotonic() + 5.0
+            return
+        try:
+            gen = self.store.checkpoint()
+        except Exception as exc:  # noqa: BLE001 - the write itself is durable in the index log already
+            self._checkpoint_failures += 1
+            wait = min(300.0, 5.0 * 2 ** (self._checkpoint_failures - 1))
+            self._checkpoint_not_before = time.monotonic() + wait
+            log.error("checkpoint failed (%s: %s); writes stay durable in the index log; next try in %.0f s",
+                      type(exc).__name__, exc, wait)
+            return
+        self._writes_since_checkpoint = 0
+        self._dirty = False
+        self._checkpoint_failures = 0
+        self._checkpoint_not_before = 0.0
+        log.info("checkpointed index generation %d after %d writes", gen, every)
 
 
 def _limit_faiss_threads(n: int) -> None:

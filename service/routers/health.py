@@ -20,7 +20,8 @@ async def healthz() -> Health:
             responses=errors(503))
 async def readyz(state: ReadyDep) -> Readiness:
     return Readiness(status="ready", model=state.fingerprint, backend=state.backend_name,
-                     index_size=len(state.store), generation=state.store.generation)
+                     index_size=len(state.store), generation=state.store.generation,
+                     writable=state.writes_available)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
