@@ -77,6 +77,9 @@ class DataConfig(_Section):
     workers: int = Field(2, ge=0, description="DataLoader workers when images are not cached")
     scale_min: float = Field(0.25, gt=0, le=1, description="RandomResizedCrop minimum area fraction")
     color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength (0: off)")
+    sampler: Literal["random", "confusable"] = Field("random", description="P×K class choice: random, or confusable (each epoch, classes grouped with their nearest classes by FAISS over class centroids)")
+    confusable_group: int = Field(4, ge=2, description="confusable sampler: classes per group of look-alikes")
+    confusable_random_share: float = Field(0.5, ge=0, le=1, description="confusable sampler: share of each batch's classes drawn at random (coverage)")
     cached_views: int = Field(4, ge=1, le=64, description="trainable_stages >= 0: augmented views cached per training image (the first is the plain centre crop); fewer when the budget is short")
 
 
@@ -94,10 +97,19 @@ class LossConfig(_Section):
     miner: Literal["none", "batch_hard", "semi_hard", "batch_all", "hard"] = Field("none", description="hard-negative miner (none: all pairs/triplets in the batch; hard: every triplet with d(a,n) < d(a,p))")
     miner_margin: float | None = Field(None, ge=0, description="margin of semi_hard/batch_all miners (default: loss margin)")
     miner_warmup_epochs: int = Field(0, ge=0, description="epochs with no miner (all tuples) before the miner starts")
+    memory_size: int = Field(0, ge=0, description="cross-batch memory: past embeddings the contrastive loss also pairs with (0: off; e.g. 4096)")
+    memory_miner: Literal["none", "batch_hard"] = Field("none", description="with memory: every pair (none; the margin selects hard negatives) or each anchor's hardest positive and negative")
+    memory_warmup_steps: int = Field(0, ge=0, description="steps with the in-batch loss only while the memory fills")
     aux: Literal["none", "softmax", "hinge"] = Field("none", description="auxiliary classification head on the embedding")
     aux_weight: float = Field(1.0, ge=0, description="weight of the auxiliary loss")
     aux_temperature: float = Field(0.05, gt=0, description="softmax: cosine logits are divided by this (normalised softmax)")
     aux_init: Literal["random", "centroids"] = Field("random", description="aux class weights: random, or the class centroids of the starting embedding (a warm head for a pretrained start)")
+
+    @model_validator(mode="after")
+    def _memory_needs_contrastive(self) -> "LossConfig":
+        if self.memory_size and self.name != "contrastive":
+            raise ValueError(f"loss.memory_size needs loss.name contrastive (got {self.name!r})")
+        return self
 
 
 class OptimConfig(_Section):

@@ -160,13 +160,17 @@ class PKSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.batches
 
+    def choose_classes(self, rng: random.Random, classes: list[int]) -> list[int]:
+        """The P distinct classes of one batch (the hook a subclass overrides): uniform at random."""
+        return rng.sample(classes, self.p)
+
     def __iter__(self) -> Iterator[list[int]]:
         rng = random.Random(self.seed * 100_003 + self.epoch)
         pools: dict[int, list[int]] = {}
         classes = sorted(self.by_class)
         for _ in range(self.batches):
             batch: list[int] = []
-            for c in rng.sample(classes, self.p):
+            for c in self.choose_classes(rng, classes):
                 idx = self.by_class[c]
                 if len(idx) < self.k:
                     batch += [rng.choice(idx) for _ in range(self.k)]

@@ -477,8 +477,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if resume:  # the trunk's weights come from the checkpoint before any cache is computed
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     eval_names = [n for n in ("val", "test") if n in splits]
-    sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
-                        batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
+    if cfg.data.sampler == "confusable":
+        from training.confusable import ConfusablePKSampler
+
+        sampler = ConfusablePKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
+                                      batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed,
+                                      group=cfg.data.confusable_group,
+                                      random_share=cfg.data.confusable_random_share)
+    else:
+        sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
+                            batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
     if cached:
         from training.featcache import build_cache
 
@@ -529,6 +537,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             init_aux_centroids(aux, embed("train"), np.asarray(splits["train"].labels))
     injected_miner = miner
     loss_fn = loss_fn if loss_fn is not None else loss_from_config(cfg)
+    if cfg.loss.memory_size:
+        from training.xbm import CrossBatchMemory, MemoryLoss
+
+        loss_fn = MemoryLoss(loss_fn, CrossBatchMemory(cfg.loss.memory_size, card.embedding_dim, device),
+                             warmup_steps=cfg.loss.memory_warmup_steps, miner=cfg.loss.memory_miner,
+                             margin=cfg.loss.margin, pos_margin=cfg.loss.pos_margin, squared=cfg.loss.squared,
+                             balance=cfg.loss.balance, reduction=cfg.loss.reduction, distance=cfg.loss.distance)
     miner_margin = cfg.loss.miner_margin if cfg.loss.miner_margin is not None else cfg.loss.margin
     miner_kwargs: dict[str, Any] = {"distance": cfg.loss.distance}
     if cfg.loss.miner in ("semi_hard", "batch_all"):
@@ -583,7 +598,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             step_s = (step_times[-1] - step_times[1]) / (len(step_times) - 2)
         else:
             step_s = (step_times[-1] - t_run) / len(step_times)
-        val_cost = eval_seconds.get("val", 0.0) if select else 0.0
+        val_cost = (eval_seconds.get("val", 0.0) if select else 0.0) + eval_seconds.get("refresh", 0.0)
         test_cost = eval_seconds.get("test", 0.0)
         per_epoch_eval = val_cost + (test_cost / cfg.eval_every if cfg.eval_every else 0.0)
         p = plan_steps(budget_s=budget, spent_s=time.perf_counter() - t_start, step_s=step_s, eval_s=per_epoch_eval,
@@ -601,6 +616,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     while epoch < end_epoch and scheduler.last_epoch < total_steps():
         torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation stream reproducible across resume
         sampler.set_epoch(epoch)
+        confused = _refresh_confusable(sampler, embed, splits["train"], cfg, eval_seconds)
         monitor = CollapseMonitor(cfg.collapse_cosine)
         active_miner = miner if epoch >= cfg.loss.miner_warmup_epochs else None
         stats = train_one_epoch(model, loader, loss_fn=loss_fn, miner=active_miner, aux=aux,
@@ -610,6 +626,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                                 forward=forward, freeze_bn=cfg.model.freeze_bn,
                                 stop=lambda: scheduler.last_epoch >= total_steps(), on_step=on_step)
         rec = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in stats.items()}}
+        if confused:
+            rec["train/confused_pairs"] = confused
         if monitor.collapsed():
             rec["train/collapse_warning"] = True
             log.warning(
@@ -672,6 +690,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     }
     (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _refresh_confusable(sampler, embed, split, cfg: TrainConfig, timings: dict[str, float]) -> list | None:
+    """Re-mine the confusable-class groups from the current embedding of the training images.
+
+    Returns the most confused training class pairs ``[[class_a, class_b, votes], ...]`` for the
+    metrics log (None when the sampler is not the confusable one).
+    """
+    if cfg.data.sampler != "confusable":
+        return None
+    from training.confusable import class_neighbours, confused_pairs
+
+    t0 = time.perf_counter()
+    emb = embed("train")
+    labels = np.asarray(split.labels)
+    ids, _ = class_neighbours(emb, labels, k=cfg.data.confusable_group - 1)
+    sampler.set_neighbours({c: ids[c].tolist() for c in range(len(ids))})
+    pairs = confused_pairs(emb, labels, top=10)
+    timings["refresh"] = time.perf_counter() - t0
+    log.info("confusable classes re-mined in %.1f s; most confused: %s", timings["refresh"],
+             ", ".join(f"{split.classes[a]} ~ {split.classes[b]} ({v})" for a, b, v in pairs[:3]) or "none")
+    return [[split.classes[a], split.classes[b], v] for a, b, v in pairs]
 
 
 def views_that_fit(model: EmbeddingNet, card: ModelCard, splits: dict[str, Any], device: torch.device, *,

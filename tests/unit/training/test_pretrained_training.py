@@ -160,3 +160,20 @@ def test_parse_duration(text, seconds):
 def test_bad_budget_is_refused_naming_the_form(text):
     with pytest.raises(ValueError, match="budget"):
         load_config(overrides={"budget": text})
+
+
+def test_memory_and_confusable_batches_run_in_the_loop(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, tmp_path / "run", **{"data.sampler": "confusable", "data.confusable_group": 2,
+                                                 "loss.memory_size": 30, "loss.memory_warmup_steps": 2})
+    res = train(cfg, progress=False)
+    hist = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    pairs = hist[1]["train/confused_pairs"]
+    names = set((tmp_path / "run/splits/train_classes.txt").read_text().split())
+    assert pairs and all(a in names and b in names and a < b and v >= 1 for a, b, v in pairs)
+    assert all(h["train/loss"] == h["train/loss"] for h in hist[1:])  # finite, no NaN
+    assert res["epoch_chosen"] in range(len(hist))
+
+
+def test_memory_needs_the_contrastive_loss():
+    with pytest.raises(ValueError, match="memory_size needs loss.name contrastive"):
+        load_config(overrides={"loss.memory_size": 64, "loss.name": "triplet"})
