@@ -1,4 +1,5 @@
-// lookalike search page: plain JS, no build step. Talks to /v1/search, /v1/images/{id}/similar, /v1/index.
+// lookalike search page: plain JS, no build step. Talks to /v1/search, /v1/images/{id}/similar, /v1/index,
+// and /v1/feedback (the "right" / "wrong" buttons on each result; they need the API key).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -6,9 +7,13 @@ const els = {
   form: $("search-form"), drop: $("drop-zone"), file: $("file-input"), k: $("k-select"),
   figure: $("query-figure"), query: $("query-image"), caption: $("query-caption"),
   status: $("status"), error: $("error"), results: $("results"), info: $("index-info"),
+  keyBox: $("key-box"), key: $("key-input"),
 };
+const KEY_STORAGE = "lookalike.apiKey";
 let queryUrl = null;
 let lastFile = null;
+let currentQuery = null;  // the query of the results shown: {id} (an indexed image) or {file} (an upload)
+let pendingMark = null;   // a mark waiting for the API key: {hit, verdict, li}
 
 function showError(message) {
   els.error.textContent = message;
@@ -21,13 +26,19 @@ function clearError() {
   els.error.textContent = "";
 }
 
-// Turn any failed response into words: the API always answers {"error": {"code", "message"}}.
-async function errorMessage(resp) {
-  let detail = "";
+// The API always answers errors as {"error": {"code", "message"}}; {} when the body is not that.
+async function readError(resp) {
   try {
     const body = await resp.json();
-    if (body && body.error && body.error.message) detail = body.error.message;
-  } catch (_) { /* not JSON */ }
+    return (body && body.error) || {};
+  } catch (_) {
+    return {};  // not JSON
+  }
+}
+
+// Turn any failed response into words.
+async function errorMessage(resp) {
+  const detail = (await readError(resp)).message || "";
   const what = {
     400: "The image could not be read", 413: "The image is too large", 415: "This file type is not supported",
     422: "The request was not valid", 503: "The service is busy or starting up; try again in a moment",
@@ -50,6 +61,8 @@ function renderResults(data) {
     li.dataset.id = String(hit.id);
     const btn = document.createElement("button");
     btn.type = "button";
+    btn.className = "open";
+    btn.dataset.testid = "open";
     btn.title = `Find images like #${hit.id}`;
     const img = document.createElement("img");
     img.src = hit.image_url;
@@ -69,7 +82,7 @@ function renderResults(data) {
     meta.append(score, label);
     btn.append(img, meta);
     btn.addEventListener("click", () => searchSimilar(hit));
-    li.append(btn);
+    li.append(btn, feedbackButtons(hit, li));
     els.results.append(li);
   }
   const n = data.results.length;
@@ -78,7 +91,104 @@ function renderResults(data) {
     : "The index is empty: no results.";
 }
 
-async function run(request) {
+// "right" / "wrong": mark this result for the query shown (POST /v1/feedback).
+function feedbackButtons(hit, li) {
+  const box = document.createElement("div");
+  box.className = "feedback";
+  for (const verdict of ["right", "wrong"]) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = verdict;
+    b.dataset.testid = `mark-${verdict}`;
+    b.dataset.verdict = verdict;
+    b.setAttribute("aria-pressed", "false");
+    b.title = `Mark #${hit.id} as a ${verdict} match for this query`;
+    b.addEventListener("click", () => markResult(hit, verdict, li));
+    box.append(b);
+  }
+  return box;
+}
+
+let memoryKey = "";  // where the key lives if this browser refuses sessionStorage
+
+function storedKey() {
+  try { return sessionStorage.getItem(KEY_STORAGE) || ""; } catch (_) { return memoryKey; }
+}
+
+function storeKey(key) {
+  memoryKey = key;
+  try {
+    if (key) sessionStorage.setItem(KEY_STORAGE, key); else sessionStorage.removeItem(KEY_STORAGE);
+  } catch (_) { /* storage disabled: memoryKey keeps it until the page is left */ }
+}
+
+function askForKey(mark, message) {
+  pendingMark = mark;
+  els.keyBox.hidden = false;
+  showError(message);
+  els.key.focus();
+}
+
+async function markResult(hit, verdict, li) {
+  const query = currentQuery;
+  if (!query) return;
+  clearError();
+  els.keyBox.hidden = false;
+  const key = storedKey();
+  if (!key) {
+    askForKey({ hit, verdict, li }, "Saving feedback needs the API key: enter it above; the mark is sent when you save it.");
+    return;
+  }
+  const body = new FormData();
+  body.append("verdict", verdict);
+  body.append("result_id", String(hit.id));
+  if (query.file) body.append("file", query.file); else body.append("query_id", String(query.id));
+  const buttons = [...li.querySelectorAll(".feedback button")];
+  for (const b of buttons) b.disabled = true;
+  let resp;
+  try {
+    resp = await fetch("/v1/feedback", { method: "POST", body, headers: { Authorization: `Bearer ${key}` } });
+  } catch (_) {
+    showError("Could not reach the server: the feedback was not saved.");
+    return;
+  } finally {
+    for (const b of buttons) b.disabled = false;
+  }
+  if (resp.ok) {
+    li.dataset.verdict = verdict;
+    for (const b of buttons) b.setAttribute("aria-pressed", String(b.dataset.verdict === verdict));
+    els.status.textContent = `Feedback saved: #${hit.id} marked ${verdict}.`;
+    return;
+  }
+  const err = await readError(resp);
+  if (resp.status === 401) {
+    storeKey("");
+    askForKey({ hit, verdict, li }, "Saving feedback needs the API key (401): enter it above.");
+  } else if (resp.status === 403 && err.code === "writes_disabled") {
+    els.keyBox.hidden = true;
+    showError("This server is read-only (403): feedback cannot be saved here.");
+  } else if (resp.status === 403) {
+    storeKey("");
+    askForKey({ hit, verdict, li }, "The API key was not accepted (403): check it and enter it again.");
+  } else {
+    const what = resp.status === 404 ? "That image is no longer indexed" : `The server answered ${resp.status}`;
+    showError(`Feedback not saved. ${what}${err.message ? `: ${err.message}` : "."}`);
+  }
+}
+
+function saveKey() {
+  const key = els.key.value.trim();
+  els.key.value = "";
+  if (!key) return;
+  storeKey(key);
+  clearError();
+  els.status.textContent = "API key saved for this tab.";
+  const mark = pendingMark;
+  pendingMark = null;
+  if (mark) markResult(mark.hit, mark.verdict, mark.li);
+}
+
+async function run(request, query) {
   clearError();
   els.status.textContent = "Searching…";
   let resp;
@@ -93,6 +203,7 @@ async function run(request) {
     showError(await errorMessage(resp));
     return;
   }
+  currentQuery = query;
   renderResults(await resp.json());
 }
 
@@ -105,14 +216,14 @@ function searchFile(file) {
   const body = new FormData();
   body.append("file", file);
   body.append("k", els.k.value);
-  return run(() => fetch("/v1/search", { method: "POST", body }));
+  return run(() => fetch("/v1/search", { method: "POST", body }), { file });
 }
 
 function searchSimilar(hit) {
   lastFile = null;
   showQuery(hit.image_url, hit.label ? `${hit.label} (#${hit.id})` : `#${hit.id}`);
   const k = encodeURIComponent(els.k.value);
-  return run(() => fetch(`/v1/images/${hit.id}/similar?k=${k}`));
+  return run(() => fetch(`/v1/images/${hit.id}/similar?k=${k}`), { id: hit.id });
 }
 
 async function loadInfo() {
@@ -129,6 +240,7 @@ async function loadInfo() {
 els.file.addEventListener("change", () => searchFile(els.file.files[0]));
 els.k.addEventListener("change", () => { if (lastFile) searchFile(lastFile); });
 els.form.addEventListener("submit", (e) => e.preventDefault());
+els.keyBox.addEventListener("submit", (e) => { e.preventDefault(); saveKey(); });
 for (const type of ["dragenter", "dragover"]) {
   els.drop.addEventListener(type, (e) => { e.preventDefault(); els.drop.classList.add("dragging"); });
 }

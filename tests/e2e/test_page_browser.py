@@ -76,7 +76,7 @@ def test_upload_shows_query_beside_a_grid_of_results(page, e2e_images, artifacts
 
     # clicking a result searches by that indexed image
     second_id = results.nth(1).get_attribute("data-id")
-    results.nth(1).locator("button").click()
+    results.nth(1).locator("[data-testid=open]").click()
     expect(page.locator("[data-testid=query-image]")).to_have_attribute("src", f"/v1/images/{second_id}")
     expect(page.locator("[data-testid=status]")).to_contain_text("10 results")
     assert second_id not in page.locator("[data-testid=result]").evaluate_all("els => els.map(e => e.dataset.id)")
