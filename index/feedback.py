@@ -257,6 +257,16 @@ def list_feedback(con: sqlite3.Connection, *, limit: int | None = None, offset: 
     return total, [_row(r) for r in rows]
 
 
+def stored_files(con: sqlite3.Connection) -> list[str]:
+    """Paths, relative to the index directory, of every image file the marks in ``con``'s view
+    keep under ``feedback/`` (for backups: :func:`index.snapshot.snapshot`)."""
+    if not _has_table(con):
+        return []
+    rows = con.execute("SELECT query_file FROM feedback WHERE query_file IS NOT NULL UNION "
+                       "SELECT result_file FROM feedback WHERE result_file IS NOT NULL ORDER BY 1").fetchall()
+    return [r[0] for r in rows]
+
+
 def _images_root(directory: Path) -> Path | None:
     from index.store import STORE_FILE
 

@@ -15,8 +15,8 @@ acknowledged before the snapshot began is in it**. Then:
   FAISS index from the stored vectors (no re-embedding either way).
 
 The tar holds ``snapshot.json`` (format, versions, source, counts, sha256 of every file),
-``store.json``, ``meta.sqlite``, ``uploads/`` and ``generations/NNNNNN/``. It is written to a
-temporary file, fsynced and renamed, so ``OUT.tar`` is either complete or absent.
+``store.json``, ``meta.sqlite``, ``uploads/``, ``feedback/`` and ``generations/NNNNNN/``. It is
+written to a temporary file, fsynced and renamed, so ``OUT.tar`` is either complete or absent.
 
 ``restore`` extracts into a new directory (refusing links and paths outside it), verifies
 every file's sha256, opens the index, which replays or rebuilds as needed, and publishes a
@@ -39,6 +39,7 @@ from pathlib import Path
 
 from index import generations as gens
 from index.errors import CorruptIndexError
+from index.feedback import stored_files
 from index.metadata import DB_FILE, SCHEMA_VERSION, _connect
 from index.store import STORE_FILE, STORE_VERSION, UPLOADS_DIR
 
@@ -139,6 +140,11 @@ def snapshot(index_dir: str | Path, out: str | Path) -> SnapshotReport:
                     con.execute("INSERT INTO changes (op, id) VALUES ('del', ?)", (rid,))
                 con.execute("COMMIT")
                 log.info("left out %d records whose uploads were deleted during the snapshot", len(dropped))
+            for rel in stored_files(con):  # relevance feedback's query images (append-only, never deleted)
+                try:
+                    _link_or_copy(d / rel, stage / rel)
+                except FileNotFoundError:
+                    log.warning("%s: feedback image %s is missing; its marks are kept without it", d, rel)
             row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
             last_seq = int(row[0]) if row else 0
             images = int(con.execute("SELECT count(*) FROM images").fetchone()[0])

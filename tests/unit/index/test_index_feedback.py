@@ -239,3 +239,18 @@ def test_cli_lists_counts_and_records(store, tmp_path, capsys):
     assert first["result_image"] == str((tmp_path / "images").resolve() / "b/3.jpg")
     assert main(["index", "feedback", str(tmp_path / "none")]) == 2
     assert "not a lookalike index" in capsys.readouterr().err
+
+
+def test_snapshot_and_restore_keep_the_marks(store, tmp_path, rng):
+    from index.snapshot import restore, snapshot
+
+    up = store.add_upload(_png(11), unit(rng, 1)[0], label="c", ext="png")
+    add_feedback(store, verdict="wrong", result_id=up.id, query_bytes=_png(12))
+    add_feedback(store, verdict="right", result_id=2, query_id=1)
+    store.remove([up.id])  # its kept copy must still travel
+    snapshot(tmp_path / "idx", tmp_path / "b.tar")
+    restore(tmp_path / "b.tar", tmp_path / "r")
+    got = read_feedback(tmp_path / "r")
+    assert [(r.verdict, r.query_id, r.result_id) for r in got] == [("wrong", None, up.id), ("right", 1, 2)]
+    assert got[0].query_image.read_bytes() == _png(12) and got[0].result_image.read_bytes() == _png(11)
+    assert got[0].query_image.is_relative_to((tmp_path / "r").resolve())
