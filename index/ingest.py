@@ -77,6 +77,10 @@ def walk_images(root: Path, *, include: Sequence[str] | None = None,
     """Image files under ``root`` (recursive, sorted, hidden entries and ``exclude`` dirs skipped).
 
     ``include``: only these first-level subfolder names. Returns (files, number ignored).
+
+    The images root is a boundary: symlinked folders are not descended into, and a symlinked
+    file is taken only if it resolves inside ``root``; the others are ignored with one warning
+    that counts them (a link to ``/etc`` must not end up indexed and served).
     """
     root = Path(root)
     if not root.is_dir():
@@ -88,6 +92,8 @@ def walk_images(root: Path, *, include: Sequence[str] | None = None,
             raise FileNotFoundError(f"{t}: no such folder under {root}")
     files: list[Path] = []
     ignored = 0
+    outside: list[str] = []
+    root_real = root.resolve()
     for top in tops:
         for dirpath, dirnames, filenames in os.walk(top):
             dp = Path(dirpath)
@@ -96,9 +102,17 @@ def walk_images(root: Path, *, include: Sequence[str] | None = None,
                 if name.startswith("."):
                     continue
                 if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(dp / name)
+                    p = dp / name
+                    if (p.is_symlink() or top.is_symlink()) and not p.resolve().is_relative_to(root_real):
+                        outside.append(str(p.relative_to(root)))
+                        ignored += 1
+                        continue
+                    files.append(p)
                 else:
                     ignored += 1
+    if outside:
+        log.warning("%s: ignored %d symlinks that point outside the images root (first: %s)",
+                    root, len(outside), ", ".join(outside[:3]))
     return files, ignored
 
 

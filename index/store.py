@@ -190,11 +190,52 @@ class IndexStore:
             if images_root is not None:
                 store.images_root = Path(images_root)
             store._load()
+            if writable:
+                store.sweep()
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
         return store
+
+    def sweep(self) -> dict[str, int]:
+        """Remove what a killed writer can leave behind; returns and logs the counts.
+
+        * ``temporary``: ``.<name>.<pid>.tmp`` files of unfinished atomic writes (index root and
+          ``uploads/``) and ``generations/.tmp-*`` directories of unfinished publishes;
+        * ``orphan_uploads``: files in ``uploads/`` that no record points to (written before a
+          kill or a failed metadata write, never acknowledged).
+
+        Only a writer (holding the lock, so nothing is mid-write) may sweep.
+        """
+        self._require_writable()
+        counts = {"temporary": 0, "orphan_uploads": 0}
+        for d in (self.directory, self.directory / UPLOADS_DIR):
+            if d.is_dir():
+                for p in d.glob(".*.tmp"):
+                    if p.is_file() and not p.is_symlink():
+                        p.unlink(missing_ok=True)
+                        counts["temporary"] += 1
+        gdir = self.directory / gens.GEN_DIR
+        if gdir.is_dir():
+            for p in gdir.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+                counts["temporary"] += 1
+        up = self.directory / UPLOADS_DIR
+        if up.is_dir():
+            for p in up.iterdir():
+                if p.name.startswith(".") or not p.is_file():
+                    continue
+                rec = self.db.by_sha(p.name.split(".", 1)[0].lower())
+                if rec is None or rec.source != "upload" or rec.path != p.name:
+                    p.unlink(missing_ok=True)
+                    counts["orphan_uploads"] += 1
+        if any(counts.values()):
+            log.warning("%s: start-up sweep removed %d temporary files and %d orphan uploads",
+                        self.directory, counts["temporary"], counts["orphan_uploads"])
+        else:
+            log.info("%s: start-up sweep found no temporary files or orphan uploads", self.directory)
+        return counts
 
     def close(self, *, checkpoint: bool = False) -> None:
         """Release the writer lock (after publishing a generation if ``checkpoint``)."""
