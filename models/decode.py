@@ -74,6 +74,12 @@ def _sniff_format(head: bytes) -> str | None:
     return None
 
 
+def _is_svg(head: bytes) -> bool:
+    """SVG (XML text): ``<svg``, or an XML declaration / doctype followed by an ``<svg`` element."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return text.startswith(b"<svg") or (text.startswith((b"<?xml", b"<!doctype", b"<!--")) and b"<svg" in text)
+
+
 def _describe_other(head: bytes) -> str:
     known = {
         b"%!PS": "PostScript/EPS",
@@ -90,6 +96,8 @@ def _describe_other(head: bytes) -> str:
             return name
     if head[4:12] in (b"ftypavif", b"ftypheic", b"ftypmif1"):
         return "HEIF/AVIF"
+    if _is_svg(head):
+        return "SVG"
     return "unknown"
 
 
@@ -246,7 +254,7 @@ def open_image(
 
     fmt = _sniff_format(raw[:16])
     if fmt is None:
-        other = _describe_other(raw[:16])
+        other = _describe_other(raw[:1024])
         if other == "unknown":
             raise ImageDecodeError("undecodable", "not a recognised image (unknown content)", source)
         raise ImageDecodeError(

@@ -14,8 +14,8 @@ from fastapi.staticfiles import StaticFiles
 
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import (BodyBufferMiddleware, BodyLimitMiddleware, MetricsMiddleware,
-                                SecurityHeadersMiddleware)
+from service.middleware import (BodyBufferMiddleware, BodyLimitMiddleware, ErrorContractMiddleware,
+                                MetricsMiddleware, SecurityHeadersMiddleware)
 from service.routers import feedback, health, images, index, page, search
 from service.settings import Settings
 from service.state import BackendFactory, IndexOpener, ServiceState
@@ -41,6 +41,46 @@ async def lifespan(app: FastAPI):
         await state.stop()
 
 
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """FastAPI's OpenAPI document, plus what it cannot infer from the routes: the bearer scheme on
+    the writes (the key is checked in a dependency that reads the header itself) and the bounds
+    of every ``k`` (1..``max_k``, a setting, so not in the route signatures)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearerAuth"] = {
+        "type": "http", "scheme": "bearer",
+        "description": "LOOKALIKE_API_KEY, sent as `Authorization: Bearer <key>`; required by writes"}
+
+    def bound_k(s: dict) -> None:
+        target = s
+        if "anyOf" in s:  # Optional[int]
+            target = next((x for x in s["anyOf"] if x.get("type") == "integer"), s)
+        target["minimum"] = 1
+        target["maximum"] = settings.max_k
+
+    for path_item in schema.get("paths", {}).values():
+        for op in path_item.values():
+            if not isinstance(op, dict):
+                continue
+            if "401" in op.get("responses", {}):
+                op["security"] = [{"bearerAuth": []}]
+            for param in op.get("parameters", []):
+                if param.get("name") == "k":
+                    bound_k(param.setdefault("schema", {}))
+            for media in op.get("requestBody", {}).get("content", {}).values():
+                props = media.get("schema", {}).get("properties", {})
+                if "k" in props:
+                    bound_k(props["k"])
+    for comp in schema.get("components", {}).get("schemas", {}).values():
+        if "k" in comp.get("properties", {}) and comp.get("title", "").endswith("Request"):
+            bound_k(comp["properties"]["k"])
+    app.openapi_schema = schema
+    return schema
+
+
 def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None,
                index_opener: IndexOpener | None = None) -> FastAPI:
     """Build the lookalike FastAPI app.
@@ -58,17 +98,19 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
     app = FastAPI(title="lookalike", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.lookalike = ServiceState(settings, metrics, backend_factory=backend_factory, index_opener=index_opener)
     app.state.settings = settings
+    app.openapi = lambda: _openapi(app, settings)
     install_error_handlers(app)
     for r in (search.router, images.router, index.router, health.router, page.router, feedback.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
 
-    # Added innermost first: Metrics(SecurityHeaders(BodyLimit(BodyBuffer([CORS](app))))).
+    # Added innermost first: Metrics(SecurityHeaders(BodyLimit(BodyBuffer(ErrorContract([CORS](app)))))).
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
+    app.add_middleware(ErrorContractMiddleware)
     app.add_middleware(BodyBufferMiddleware, timeout_s=settings.body_timeout_s,
                        max_buffered_bytes=max(settings.max_buffered_body_bytes, settings.max_body_bytes),
                        retry_after_s=settings.retry_after_s)

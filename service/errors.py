@@ -115,9 +115,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if is_disk_full(exc):
-            log.warning("disk full on %s %s: %s", request.method, request.url.path, exc)
-            return error_response(507, "insufficient_storage",
-                                  "the server's volume is full; free space there and retry. Searches keep working")
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal", "internal server error")
+        # Normally unreached: service.middleware.ErrorContractMiddleware answers first (and
+        # logs once; Starlette re-raises after this handler, so uvicorn would log it again).
+        return error_response(*unexpected_error(exc, request.method, request.url.path))
+
+
+def unexpected_error(exc: BaseException, method: str, path: str) -> tuple[int, str, str]:
+    """(status, code, message) for an exception no handler took, logged here once: a full disk
+    is 507 ``insufficient_storage`` (a warning), anything else 500 ``internal`` (an error with
+    the traceback). The message never names a path or a frame."""
+    if is_disk_full(exc):
+        log.warning("disk full on %s %s: %s", method, path, exc)
+        return 507, "insufficient_storage", "the server's volume is full; free space there and retry. Searches keep working"
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return 500, "internal", "internal server error"

@@ -229,6 +229,66 @@ class BodyBufferMiddleware:
             self.buffered -= reserved
 
 
+class ErrorContractMiddleware:
+    """Every error below it leaves in the one JSON shape, and each unexpected one is logged once.
+
+    * An exception no handler took is answered here (500 ``internal``, or 507 when the disk is
+      full; see :func:`service.errors.unexpected_error`) and not re-raised: Starlette's outermost
+      error middleware would answer the same and then re-raise it, so uvicorn logged every 500 a
+      second time.
+    * A plain-text error response from below (Starlette's CORS middleware refusing a preflight)
+      is rewritten to ``{"error": {"code", "message"}}`` with the same status and headers.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from service.errors import _STATUS_CODES, unexpected_error
+
+        started = False
+        held: tuple[int, list] | None = None  # a plain-text error being rewritten
+        text = b""
+
+        async def send_wrapper(msg: Message) -> None:
+            nonlocal started, held, text
+            if msg["type"] == "http.response.start":
+                started = True
+                headers = list(msg.get("headers", ()))
+                ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                if msg["status"] >= 400 and ctype.startswith(b"text/plain"):
+                    keep = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
+                    held = (msg["status"], keep)
+                    return
+            elif msg["type"] == "http.response.body" and held is not None:
+                text += msg.get("body", b"")
+                if msg.get("more_body", False):
+                    return
+                status, keep = held
+                code = _STATUS_CODES.get(status, f"http_{status}")
+                message = text.decode("utf-8", "replace").strip()[:300] or code.replace("_", " ")
+                start, body = _json_message(status, code, message, keep)
+                await send(start)
+                await send(body)
+                return
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BodyTooLarge:
+            raise  # BodyLimitMiddleware answers it
+        except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are answered
+            status, code, message = unexpected_error(exc, scope.get("method", ""), scope.get("path", ""))
+            if started:
+                return  # too late for an answer; the connection is closed with the response cut short
+            start, body = _json_message(status, code, message)
+            await send(start)
+            await send(body)
+
+
 class MetricsMiddleware:
     """Count requests and time them by method, route template and status.
 

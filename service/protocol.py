@@ -12,7 +12,8 @@ else. :func:`guarded_protocol` returns a subclass that:
   end of the headers, with 431 JSON and closes (the bytes are counted as they arrive, so a 1 MB
   header is refused after the first ``max_header_bytes``, not buffered whole);
 * counts only requests whose headers are complete (running ASGI tasks) against
-  ``limit_concurrency`` and answers beyond it with the service's JSON 503 + ``Retry-After``.
+  ``limit_concurrency`` and answers beyond it with the service's JSON 503 + ``Retry-After``;
+* answers an unparsable request with a JSON 400 (uvicorn's is plain text).
 
 Every answer has the one error shape ``{"error": {"code", "message"}}``.
 """
@@ -106,6 +107,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(error_bytes(status, code, message))
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to an unparsable request, in the JSON error shape (it was plain text)."""
+        self._refuse(400, "bad_request", msg)
 
     # ---- data and parser callbacks --------------------------------------------------------------
     def data_received(self, data: bytes) -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from service.deps import ReadyDep, WriterDep
 from service.errors import ApiError
 from service.routers.common import errors, image_url, parse_window, search_response
 from service.schemas import AddImageResponse, DeleteResponse, ImageOut, SearchResponse
 from service.uploads import image_ext, image_media_type, parse_label, read_upload, upload_openapi
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -28,29 +32,46 @@ def _image_out(request: Request, rec) -> ImageOut:
                     source=rec.source, added_at=rec.added_at, image_url=image_url(request, rec.id))
 
 
-def _open_image(store, image_id: int):
-    """(path, media type) of an indexed image, or None. Only the store resolves paths."""
+#: Largest indexed file served (the batch job's default decode limit is 10 MiB).
+MAX_SERVED_BYTES = 64 * 1024 * 1024
+
+
+def _read_image(store, image_id: int) -> tuple[bytes, str | None] | None:
+    """(bytes, media type) of an indexed image, or None if absent. Only the store resolves paths.
+
+    The bytes served are the bytes indexed: their sha256 must equal the stored one, so a file
+    replaced after indexing, or a hard link planted in the images root, is never served.
+
+    Raises:
+        ApiError: 409 ``image_changed`` when the file's sha256 differs from the stored one.
+    """
+    rec = store.get(image_id)
     path = store.image_path(image_id)
-    if path is None or not path.is_file():
+    if rec is None or path is None or not path.is_file():
         return None
     with open(path, "rb") as fh:
-        head = fh.read(16)
-    return path, image_media_type(head)
+        data = fh.read(MAX_SERVED_BYTES + 1)
+    if len(data) > MAX_SERVED_BYTES or hashlib.sha256(data).hexdigest() != rec.sha256:
+        log.warning("image %d: the file at its path is not the one indexed (sha256 differs); not served", image_id)
+        raise ApiError(409, "image_changed", f"image {image_id} changed on disk since it was indexed; "
+                                             "re-index it to serve it again")
+    return data, image_media_type(data[:16])
 
 
-@router.get("/{image_id}", name="get_image", response_class=FileResponse, summary="An indexed image",
+@router.get("/{image_id}", name="get_image", response_class=Response, summary="An indexed image",
             responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}, "image/gif": {}}},
-                       **errors(404, 422, 503)})
-async def get_image(image_id: ImageId, state: ReadyDep) -> FileResponse:
-    """The image file of an indexed id, served only from the index's images root or its uploads."""
-    found = await state.read(_open_image, state.store, image_id)
+                       **errors(404, 409, 422, 503)})
+async def get_image(image_id: ImageId, state: ReadyDep) -> Response:
+    """The image file of an indexed id, served only from the index's images root or its uploads,
+    and only if its sha256 is still the one indexed."""
+    found = await state.read(_read_image, state.store, image_id)
     if found is None:
         raise _not_found(image_id)
-    path, media_type = found
+    data, media_type = found
     if media_type is None:  # not an image format we serve inline
-        return FileResponse(path, media_type="application/octet-stream",
-                            content_disposition_type="attachment", filename=f"{image_id}.bin")
-    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{image_id}.bin"'})
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=300"})
 
 
 @router.get("/{image_id}/similar", response_model=SearchResponse, summary="Search by an indexed image",

@@ -200,10 +200,10 @@ def test_images_root_override_serves_from_the_mount(model_dir, template_index, i
 
     moved = tmp_path / "mounted"
     shutil.copytree(images_root, moved)
-    other = next(p for p in sorted(images_root.rglob("*.jpg")) if p != images_root / "crow" / "000.jpg")
-    (moved / "crow" / "000.jpg").write_bytes(other.read_bytes())  # tell the two roots apart
     s = Settings(model_dir=model_dir, index_dir=template_index, writes_enabled=False, backend="torch", bf16=False,
                  decode_threads=1, images_root=moved)
     with TestClient(create_app(s)) as c:
         resp = c.get("/v1/images/1")
-    assert resp.status_code == 200 and resp.content == (moved / "crow" / "000.jpg").read_bytes()
+        assert resp.status_code == 200 and resp.content == (moved / "crow" / "000.jpg").read_bytes()
+        (moved / "crow" / "000.jpg").unlink()  # tell the two roots apart (the bytes must stay the indexed ones)
+        assert c.get("/v1/images/1").status_code == 404
