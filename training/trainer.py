@@ -614,6 +614,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     epoch = start_epoch
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     while epoch < end_epoch and scheduler.last_epoch < total_steps():
+        t_epoch = time.perf_counter()
         torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation stream reproducible across resume
         sampler.set_epoch(epoch)
         confused = _refresh_confusable(sampler, embed, splits["train"], cfg, eval_seconds)
@@ -650,6 +651,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                                "best": {"epoch": best["epoch"], "score": best["score"]}},
                         extra_tensors={f"best.{k}": v for k, v in (best["state"] or {}).items()})
         log.info("epoch %d (step %d/%d) %s", epoch + 1, scheduler.last_epoch, total_steps(), _fmt(rec))
+        if budget and planned.get("plan") and stats["steps"]:
+            _replan_if_late(schedule, scheduler.last_epoch, budget=budget, t_start=t_start,
+                            epoch_seconds=time.perf_counter() - t_epoch, steps=stats["steps"],
+                            reserve_s=eval_seconds.get("test", 0.0) + 2.0)
         epoch += 1
     finished = not (epoch < cfg.epochs and scheduler.last_epoch < total_steps())
     if budget:
@@ -683,6 +688,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         "epoch_chosen": chosen,
         "selected_on": "val/recall@1" if select else "last epoch",
         "plan": planned.get("plan", plan),
+        "steps_run": scheduler.last_epoch,
+        "steps_scheduled": total_steps(),
         "cpu": cpu_info() if device.type == "cpu" else {"device": str(device)},
         "bf16": bf16,
         "untrained": {k: v for k, v in start.items() if k != "epoch"},
@@ -690,6 +697,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     }
     (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _replan_if_late(schedule: LRSchedule, done: int, *, budget: float, t_start: float, epoch_seconds: float,
+                    steps: int, reserve_s: float) -> None:
+    """Shorten the schedule when the last epoch ran slower than planned (e.g. a busy machine),
+    so the run still ends within its budget. Never lengthens it."""
+    per_step = epoch_seconds / steps  # training and this epoch's evaluations
+    elapsed = time.perf_counter() - t_start
+    if elapsed + (schedule.total_steps - done) * per_step + reserve_s <= budget * 1.02:
+        return
+    fit = max(0, math.floor((budget - elapsed - reserve_s) / per_step))
+    new_total = max(done, min(schedule.total_steps, done + fit))
+    if new_total < schedule.total_steps:
+        log.info("budget: the last epoch ran at %.0f ms/step; shortening the schedule from %d to %d steps",
+                 1000 * per_step, schedule.total_steps, new_total)
+        schedule.total_steps = new_total
 
 
 def _refresh_confusable(sampler, embed, split, cfg: TrainConfig, timings: dict[str, float]) -> list | None:

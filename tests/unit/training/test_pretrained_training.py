@@ -97,7 +97,8 @@ def test_budget_plans_the_schedule_to_its_end(tiny_data, tmp_path):
     assert plan is not None and plan["budget_s"] == 60 and plan["total_steps"] >= 8
     hist = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     steps = sum(h.get("train/steps", 0) for h in hist)
-    assert steps == plan["total_steps"]  # ran exactly the planned steps
+    # ran exactly the scheduled steps (the plan, or fewer if a slow epoch made the trainer shorten it)
+    assert steps == res["steps_run"] == res["steps_scheduled"] <= plan["total_steps"]
     assert hist[-1]["train/lr"] < 0.05 * 1e-4  # and the cosine schedule reached its end
 
 
@@ -133,6 +134,22 @@ def test_cached_views_are_limited_by_the_ram_budget(tiny_data, tmp_path):
     assert fit(n_eval * 384 + 100 * per_view) == 8
     with pytest.raises(ValueError, match="cache_budget_mb"):
         fit(n_eval * 384 + per_view - 1)
+
+
+def test_a_slow_epoch_shortens_the_schedule_to_hold_the_budget():
+    import time
+
+    from training.trainer import LRSchedule, _replan_if_late
+
+    sched = LRSchedule("cosine", total_steps=100, warmup_steps=0, steps_per_epoch=10, step_size=1, gamma=1)
+    t_start = time.perf_counter() - 50  # 50 s spent; 10 steps took 10 s: 1 s/step
+    _replan_if_late(sched, 40, budget=100, t_start=t_start, epoch_seconds=10, steps=10, reserve_s=5)
+    assert sched.total_steps in (40 + 44, 40 + 45)  # about 45 s left after the reserve, at 1 s/step
+    before = sched.total_steps
+    _replan_if_late(sched, 40, budget=1000, t_start=t_start, epoch_seconds=10, steps=10, reserve_s=5)
+    assert sched.total_steps == before  # never lengthened
+    _replan_if_late(sched, 80, budget=10, t_start=t_start, epoch_seconds=10, steps=10, reserve_s=5)
+    assert sched.total_steps == 80  # out of time: stop after the steps already done
 
 
 def test_plan_steps_arithmetic():
