@@ -34,7 +34,7 @@ class Plan:
         note = f" ({self.capped})" if self.capped else ""
         return (f"budget {self.budget_s:.0f} s: {self.spent_s:.0f} s spent on setup; {self.step_s * 1000:.0f} ms/step, "
                 f"{self.eval_s:.1f} s of evaluation per epoch -> {self.total_steps} steps = {self.epochs} epochs of "
-                f"{self.steps_per_epoch} steps{note}, ending about {self.spent_s + self.total_steps * self.step_s + self.epochs * self.eval_s + self.reserve_s:.0f} s in")
+                f"{self.steps_per_epoch} steps{note}, ending about {self.spent_s + self.total_steps * (self.step_s + self.eval_s / self.steps_per_epoch) + self.reserve_s:.0f} s in")
 
 
 def plan_steps(*, budget_s: float, spent_s: float, step_s: float, eval_s: float, reserve_s: float,

@@ -30,6 +30,8 @@ def _config_from_args(args: argparse.Namespace):
     from training.config import load_config, parse_override
 
     overrides = dict(parse_override(s) for s in args.set)
+    if getattr(args, "feedback", None):
+        overrides["data.feedback"] = args.feedback
     for key, val in vars(args).items():
         if key.startswith("cfg:"):
             overrides[key[4:]] = yaml.safe_load(val) if val.strip() else None
@@ -99,11 +101,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     emb = embed_dataset(model, ds, device=device, bf16=bf16)
     labels = np.asarray(split.labels)
     metrics = retrieval_metrics(emb, labels)
+    feedback = None
+    if args.feedback:
+        from training.feedback import load_feedback_pairs, still_wrong
+
+        pairs = load_feedback_pairs(args.feedback)
+        fb_ds = ImageDataset(Split(list(pairs.images), [0] * len(pairs.images), ["feedback"]), model.card, train=False)
+        fb_emb = embed_dataset(model, fb_ds, device=device, bf16=bf16)
+        feedback = still_wrong(pairs, fb_emb, gallery=emb, gallery_labels=np.asarray(split.classes)[labels])
     out = Path(args.out) if args.out else (run_dir or model_dir) / "report"
     paths = write_report(out, metrics=metrics, history=read_history(run_dir) if run_dir else [], emb=emb, labels=labels,
                          images=_LazyImages(ds), class_names=split.classes,
                          title=f"lookalike eval: {model.card.backbone} {model.card.embedding_dim}-d on {len(split.classes)} held-out classes")
-    print(json.dumps({"metrics": metrics, "report_png": str(paths["png"]), "report_html": str(paths["html"])}, indent=2))
+    print(json.dumps({"metrics": metrics, "report_png": str(paths["png"]), "report_html": str(paths["html"]),
+                      **({"feedback": feedback} if feedback is not None else {})}, indent=2))
     return 0
 
 
@@ -156,6 +167,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an embedding model on an ImageFolder dataset")
     _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="resume the run in --out from its last checkpoint")
+    p.add_argument("--feedback", metavar="INDEX",
+                   help="add the right/wrong marks users gave on INDEX's search results as hard pairs "
+                        "(same as --data.feedback INDEX)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
@@ -166,6 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="report directory (default: <run>/report)")
     p.add_argument("--device", default="auto")
     p.add_argument("--fp32", action="store_true", help="embed in float32 (default: bf16 where supported)")
+    p.add_argument("--feedback", metavar="INDEX",
+                   help="also report how many of INDEX's 'wrong' marks the model still ranks above a right result")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("lr-find", help="LR range test: plot loss vs learning rate and suggest one")

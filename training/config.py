@@ -80,6 +80,7 @@ class DataConfig(_Section):
     sampler: Literal["random", "confusable"] = Field("random", description="P×K class choice: random, or confusable (each epoch, classes grouped with their nearest classes by FAISS over class centroids)")
     confusable_group: int = Field(4, ge=2, description="confusable sampler: classes per group of look-alikes")
     confusable_random_share: float = Field(0.5, ge=0, le=1, description="confusable sampler: share of each batch's classes drawn at random (coverage)")
+    feedback: str | None = Field(None, description="index directory whose relevance feedback (right/wrong marks) is added to training as hard pairs (CLI: --feedback INDEX)")
     cached_views: int = Field(4, ge=1, le=64, description="trainable_stages >= 0: augmented views cached per training image (the first is the plain centre crop); fewer when the budget is short")
 
 
@@ -100,6 +101,8 @@ class LossConfig(_Section):
     memory_size: int = Field(0, ge=0, description="cross-batch memory: past embeddings the contrastive loss also pairs with (0: off; e.g. 4096)")
     memory_miner: Literal["none", "batch_hard"] = Field("none", description="with memory: every pair (none; the margin selects hard negatives) or each anchor's hardest positive and negative")
     memory_warmup_steps: int = Field(0, ge=0, description="steps with the in-batch loss only while the memory fills")
+    feedback_weight: float = Field(1.0, ge=0, description="weight of the relevance-feedback pair loss (with data.feedback)")
+    feedback_pairs: int = Field(16, ge=1, description="feedback pairs sampled per step")
     aux: Literal["none", "softmax", "hinge"] = Field("none", description="auxiliary classification head on the embedding")
     aux_weight: float = Field(1.0, ge=0, description="weight of the auxiliary loss")
     aux_temperature: float = Field(0.05, gt=0, description="softmax: cosine logits are divided by this (normalised softmax)")

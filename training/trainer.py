@@ -195,7 +195,7 @@ def train_one_epoch(model: EmbeddingNet, loader, *, loss_fn: nn.Module, miner, a
                     aux_weight: float, optimizer: torch.optim.Optimizer, scheduler, device: torch.device, bf16: bool,
                     channels_last: bool, grad_clip: float | None, monitor: CollapseMonitor, epoch: int,
                     progress: bool = True, forward=None, freeze_bn: bool = False, stop=None,
-                    on_step=None) -> dict[str, float]:
+                    on_step=None, extra_loss=None) -> dict[str, float]:
     """One pass over ``loader`` (an iterable of ``(inputs, labels)``); returns mean losses,
     throughput and the collapse signals.
 
@@ -203,7 +203,8 @@ def train_one_epoch(model: EmbeddingNet, loader, *, loss_fn: nn.Module, miner, a
     ``model.forward_raw`` on images; ``model.forward_top_raw`` on cached trunk outputs).
     ``stop()`` returning True ends the epoch early (checked before each step); ``on_step(n)``
     is called after each step with the number of steps done in this epoch (the budget
-    planner measures throughput with it).
+    planner measures throughput with it). ``extra_loss()`` (e.g. relevance feedback pairs)
+    is added to every step's loss and reported as ``extra_loss``.
     """
     from tqdm import tqdm
 
@@ -213,7 +214,7 @@ def train_one_epoch(model: EmbeddingNet, loader, *, loss_fn: nn.Module, miner, a
         freeze_batchnorm(model.backbone)
     if aux is not None:
         aux.train()
-    totals = {"loss": 0.0, "metric_loss": 0.0, "aux_loss": 0.0}
+    totals = {"loss": 0.0, "metric_loss": 0.0, "aux_loss": 0.0, "extra_loss": 0.0}
     n_steps, n_images, t0 = 0, 0, time.perf_counter()
     clip_params = [p for g in optimizer.param_groups for p in g["params"]] if grad_clip else []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress,
@@ -236,6 +237,10 @@ def train_one_epoch(model: EmbeddingNet, loader, *, loss_fn: nn.Module, miner, a
         if aux is not None:
             aux_loss = aux(emb, labels)
             loss = loss + aux_weight * aux_loss
+        if extra_loss is not None:
+            extra = extra_loss()
+            loss = loss + extra
+            totals["extra_loss"] += float(extra.detach())
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss became {loss.item()} at epoch {epoch + 1}, step {n_steps}: lower optim.lr")
         optimizer.zero_grad(set_to_none=True)
@@ -530,6 +535,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             eval_seconds[n] = time.perf_counter() - t0
         return out
 
+    feedback_loss = _feedback_loss(cfg, model, card, device=device, bf16=bf16, cached=cached, progress=progress)
     aux = aux_from_config(cfg, len(splits["train"].classes), card.embedding_dim)
     if aux is not None:
         aux = aux.to(device)
@@ -625,7 +631,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                                 device=device, bf16=bf16, channels_last=cfg.channels_last,
                                 grad_clip=cfg.optim.grad_clip, monitor=monitor, epoch=epoch, progress=progress,
                                 forward=forward, freeze_bn=cfg.model.freeze_bn,
-                                stop=lambda: scheduler.last_epoch >= total_steps(), on_step=on_step)
+                                stop=lambda: scheduler.last_epoch >= total_steps(), on_step=on_step,
+                                extra_loss=feedback_loss)
         rec = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in stats.items()}}
         if confused:
             rec["train/confused_pairs"] = confused
@@ -697,6 +704,42 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     }
     (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _feedback_loss(cfg: TrainConfig, model: EmbeddingNet, card: ModelCard, *, device: torch.device, bf16: bool,
+                   cached: bool, progress: bool):
+    """The relevance-feedback pair loss of ``data.feedback`` (None without it)."""
+    if not cfg.data.feedback:
+        return None
+    from training.data import Split
+    from training.feedback import FeedbackLoss, load_feedback_pairs
+
+    pairs = load_feedback_pairs(cfg.data.feedback)
+    ds = ImageDataset(Split(list(pairs.images), [0] * len(pairs.images), ["feedback"]), card, train=False,
+                      cache=True)
+    if cached:
+        from training.featcache import build_cache
+
+        feats = build_cache(model.trunk, ds, device=device, bf16=bf16, channels_last=cfg.channels_last,
+                            progress=progress, name="feedback").feats[0]
+
+        def embed(idx: torch.Tensor) -> torch.Tensor:
+            x = feats[idx].to(device).float()
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                return model.forward_top_raw(x)
+    else:
+        def embed(idx: torch.Tensor) -> torch.Tensor:
+            x = torch.stack([ds[int(i)][0] for i in idx]).to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                return model.forward_raw(x)
+
+    return FeedbackLoss(pairs, embed, per_step=cfg.loss.feedback_pairs, weight=cfg.loss.feedback_weight,
+                        margin=cfg.loss.margin if cfg.loss.distance == "cosine" else 0.5,
+                        pos_margin=cfg.loss.pos_margin if cfg.loss.distance == "cosine" else 0.0, seed=cfg.seed)
 
 
 def _replan_if_late(schedule: LRSchedule, done: int, *, budget: float, t_start: float, epoch_seconds: float,
