@@ -109,13 +109,50 @@ def write_report(out_dir: str | Path, *, metrics: dict[str, float], history: lis
     fig.savefig(png, dpi=80)
     plt.close(fig)
 
+    confused_html = _confused_section(out, emb, labels, images, class_names)
     rows = "".join(f"<tr><td>{html.escape(kk)}</td><td>{100 * v:.2f}</td></tr>" for kk, v in metrics.items()
                    if isinstance(v, float) and kk != "num_queries")
     page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<h1>{html.escape(title)}</h1><table border=1 cellpadding=4><tr><th>metric</th><th>%</th></tr>{rows}</table>"
             f"<p>{int(metrics.get('num_queries', len(emb)))} queries, leave-one-out retrieval among held-out classes.</p>"
-            f"<img src='report.png' style='max-width:100%'>")
+            f"<img src='report.png' style='max-width:100%'>{confused_html}")
     page_path = out / "report.html"
     page_path.write_text(page)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return {"png": png, "html": page_path}
+
+
+def _confused_section(out: Path, emb: np.ndarray, labels: np.ndarray, images, class_names: list[str],
+                      top: int = 10, gallery: int = 5) -> str:
+    """The class pairs retrieval confuses most: an HTML table, and ``confused.png`` with one
+    example per pair (a query, then its nearest neighbour of the other class)."""
+    import matplotlib.pyplot as plt
+
+    from training.confusable import confused_pairs
+
+    pairs = confused_pairs(emb, labels, top=top)
+    if not pairs:
+        return "<h2>Most confused classes</h2><p>none: every query's nearest neighbour has its class.</p>"
+    (out / "confused.json").write_text(json.dumps(
+        [{"class_a": class_names[a], "class_b": class_names[b], "votes": v} for a, b, v in pairs], indent=2) + "\n")
+    _, ids = nearest_neighbours(emb, 1)
+    nb = ids[:, 0]
+    shown = pairs[:gallery]
+    fig, axes = plt.subplots(len(shown), 2, figsize=(4.4, 2.2 * len(shown)), squeeze=False)
+    for row, (a, b, v) in enumerate(shown):
+        q = next(i for i in range(len(labels)) if {int(labels[i]), int(labels[nb[i]])} == {a, b})
+        for col, idx in enumerate((q, nb[q])):
+            ax = axes[row, col]
+            ax.imshow(images[idx])
+            ax.set_title(("query: " if col == 0 else "nearest: ") + class_names[int(labels[idx])][:24], fontsize=7,
+                         color="black" if col == 0 else "red")
+            ax.axis("off")
+    fig.suptitle("most confused class pairs: a query and its nearest neighbour", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "confused.png", dpi=80)
+    plt.close(fig)
+    rows = "".join(f"<tr><td>{html.escape(class_names[a])}</td><td>{html.escape(class_names[b])}</td><td>{v}</td></tr>"
+                   for a, b, v in pairs)
+    return ("<h2>Most confused classes</h2><p>A query whose nearest neighbour is of another class is one vote for "
+            "that pair.</p><table border=1 cellpadding=4><tr><th>class</th><th>confused with</th><th>votes</th></tr>"
+            f"{rows}</table><img src='confused.png'>")

@@ -40,6 +40,14 @@ def test_eval_writes_report(tiny_run, capsys):
     for f in ("report.png", "report.html", "metrics.json"):
         assert (base / "run/report" / f).stat().st_size > 0
     assert (base / "run/report/report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (base / "run/report/report.html").read_text()
+    assert "Most confused classes" in page
+    if m["recall@1"] < 1:  # some query's nearest neighbour is of another class: the pair is listed and shown
+        confused = json.loads((base / "run/report/confused.json").read_text())
+        classes = set((base / "run/splits/test_classes.txt").read_text().split())
+        assert confused and all({c["class_a"], c["class_b"]} <= classes and c["votes"] >= 1 for c in confused)
+        assert sum(c["votes"] for c in confused) == round((1 - m["recall@1"]) * m["num_queries"])
+        assert (base / "run/report/confused.png").stat().st_size > 0
 
 
 def test_eval_on_a_new_folder(tiny_run, capsys, tmp_path):
