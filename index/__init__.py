@@ -5,7 +5,8 @@ metadata (the source of truth, vectors included), versioned atomic generations, 
 writer with concurrent searches, and the batch job that indexes folders of images.
 """
 
-from index.errors import CorruptIndexError, IndexError_, IndexLockedError, IndexStoreError, ModelMismatchError
+from index.errors import (CorruptIndexError, IndexError_, IndexFullError, IndexLockedError, IndexStoreError,
+                          ModelMismatchError)
 from index.records import ImageRecord, SearchHit
 from index.store import IndexStore
 from models.lazy import lazy_getattr
@@ -24,5 +25,5 @@ __getattr__ = lazy_getattr("index", _LAZY)
 
 __all__ = [
     "SearchHit", "ImageRecord", "IndexStore", "IndexStoreError", "IndexError_", "IndexLockedError",
-    "ModelMismatchError", "CorruptIndexError", *_LAZY,
+    "ModelMismatchError", "CorruptIndexError", "IndexFullError", *_LAZY,
 ]

@@ -28,6 +28,7 @@ import numpy as np
 from models.decode import DEFAULT_LIMITS, DecodeLimits, ImageDecodeError
 from models.preprocess import Preprocess
 
+from index.errors import IndexFullError, is_disk_full
 from index.store import IndexStore
 
 log = logging.getLogger(__name__)
@@ -354,11 +355,23 @@ def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, l
                 since_ckpt = 0
         if checkpoint and (report.added or report.replaced or store.info()["pending_changes"]):
             report.generation = store.checkpoint()
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        # Each batch is one durable transaction: what was added is kept, the batch in flight is
+        # not, and the next run skips what is indexed (unchanged) and goes on from there.
+        raise IndexFullError(
+            f"{store.directory}: the volume is full ({exc}); {report.added} images were added and are "
+            "durable. Free space there and re-run the same command: it resumes where it stopped"
+        ) from None
     finally:
         torch.set_num_threads(prev_threads)
         bar.close()
         report.seconds = time.perf_counter() - t_start
-        logf.write(f"# {report.summary()}\n")
-        logf.close()
+        try:
+            logf.write(f"# {report.summary()}\n")
+            logf.close()
+        except OSError as exc:  # the log may sit on the full volume too
+            log.warning("could not finish the job log %s: %s", report.log_path, exc)
     log.info("%s", report.summary())
     return report

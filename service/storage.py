@@ -13,31 +13,17 @@ and ``/readyz`` reports ``writable: false``.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import sqlite3
 from pathlib import Path
+
+from index.errors import is_disk_full
+
+__all__ = ["MiB", "StorageGuard", "is_disk_full"]
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-def is_disk_full(exc: BaseException | None) -> bool:
-    """True when ``exc`` (or an exception it was raised from) means the volume is full."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
-            return True
-        if isinstance(exc, sqlite3.Error) and "full" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return False
-
 
 class StorageGuard:
     """Free space of the volume holding ``directory`` against ``min_free_bytes``."""

@@ -58,3 +58,35 @@ def test_walk_does_not_follow_symlinks_out_of_the_root(tmp_path, caplog):
     assert ignored == 1
     assert any("outside the images root" in r.getMessage() and "escape.jpg" in r.getMessage() for r in caplog.records)
     assert np.all([not p.resolve().is_relative_to(outside) for p in files])
+
+
+def test_batch_job_stops_cleanly_on_a_full_disk_and_a_rerun_resumes(tmp_path, tiny_model, monkeypatch):
+    import errno
+
+    import pytest
+
+    from index import IndexFullError
+    from index.ingest import Embedder, index_folder
+    from tests.unit.index.helpers import write_images
+
+    embedder = Embedder.load(tiny_model, bf16=False)
+    root = tmp_path / "images"
+    write_images(root, {"crow": 6, "finch": 6})
+    store = IndexStore.create(tmp_path / "ix", card=embedder.card, images_root=root)
+    real_add = IndexStore.add
+    calls = {"n": 0}
+
+    def add_until_full(self, vectors, records):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the second batch finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add(self, vectors, records)
+
+    monkeypatch.setattr(IndexStore, "add", add_until_full)
+    with pytest.raises(IndexFullError, match="re-run the same command"):
+        index_folder(store, embedder, root, batch_size=4, workers=0, progress=False)
+    assert len(store) == 4  # the first batch is durable
+    monkeypatch.setattr(IndexStore, "add", real_add)
+    rep = index_folder(store, embedder, root, batch_size=4, workers=0, progress=False)
+    assert (rep.added, rep.unchanged) == (8, 4) and len(store) == 12  # each image indexed exactly once
+    store.close()
