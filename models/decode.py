@@ -1,9 +1,11 @@
 """Safe image decoding shared by every path (training, indexing, serving).
 
-Every image that enters lookalike goes through :func:`decode_image`. It enforces a
-format allowlist decided by the file's content (not its name), byte / pixel / side
-limits, treats Pillow's decompression-bomb warning as an error, applies the EXIF
-orientation and converts every mode (palette, alpha, CMYK, 16-bit, grey) to 8-bit RGB.
+Every image that enters lookalike goes through :func:`open_image` (directly, through
+:func:`decode_image`, or through :meth:`models.preprocess.Preprocess.load`). It enforces a
+format allowlist decided by the file's content (not its name; SVG, TIFF, BMP, ... are refused),
+byte / pixel / side limits, treats Pillow's decompression-bomb warning as an error, decodes the
+first frame only and applies the EXIF orientation in place. :func:`to_rgb` converts every mode
+(palette, alpha, CMYK, 16-bit, grey) to 8-bit RGB strip by strip, with no full-size float copy.
 
 Errors are :class:`ImageDecodeError` with a machine-readable ``code`` and a message
 naming the source and the reason; no other exception type escapes.

@@ -51,7 +51,9 @@ def _read_image(store, image_id: int) -> tuple[bytes, str | None] | None:
         return None
     with open(path, "rb") as fh:
         data = fh.read(MAX_SERVED_BYTES + 1)
-    if len(data) > MAX_SERVED_BYTES or hashlib.sha256(data).hexdigest() != rec.sha256:
+    if len(data) > MAX_SERVED_BYTES:
+        raise ApiError(413, "too_large", f"image {image_id} is over {MAX_SERVED_BYTES} bytes; not served")
+    if hashlib.sha256(data).hexdigest() != rec.sha256:
         log.warning("image %d: the file at its path is not the one indexed (sha256 differs); not served", image_id)
         raise ApiError(409, "image_changed", f"image {image_id} changed on disk since it was indexed; "
                                              "re-index it to serve it again")
@@ -60,7 +62,7 @@ def _read_image(store, image_id: int) -> tuple[bytes, str | None] | None:
 
 @router.get("/{image_id}", name="get_image", response_class=Response, summary="An indexed image",
             responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}, "image/gif": {}}},
-                       **errors(404, 409, 422, 503)})
+                       **errors(404, 409, 413, 422, 503)})
 async def get_image(image_id: ImageId, state: ReadyDep) -> Response:
     """The image file of an indexed id, served only from the index's images root or its uploads,
     and only if its sha256 is still the one indexed."""
