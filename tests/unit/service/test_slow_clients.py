@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,7 +79,9 @@ def test_bodies_held_in_memory_are_bounded(live):
 @pytest.mark.slow
 def test_sigterm_with_a_half_sent_upload_exits_0_after_the_checkpoint(make_settings, tmp_path):
     s = make_settings()
-    port = 18000 + os.getpid() % 1000
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {**os.environ, "LOOKALIKE_MODEL_DIR": str(s.model_dir), "LOOKALIKE_INDEX_DIR": str(s.index_dir),
            "LOOKALIKE_API_KEY": API_KEY, "LOOKALIKE_BACKEND": "torch", "LOOKALIKE_BF16": "false",
            "LOOKALIKE_PORT": str(port), "LOOKALIKE_GRACEFUL_SHUTDOWN_S": "2", "LOOKALIKE_BODY_TIMEOUT_S": "120",
