@@ -19,7 +19,6 @@ the file and what is wrong, and the next older one is tried.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import faiss
 
 from index.ann import METRIC, METRIC_NAME, faiss_version
 from index.errors import CorruptIndexError
+from models.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

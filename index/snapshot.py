@@ -25,7 +25,6 @@ generation of the restored state.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from index.errors import CorruptIndexError
 from index.feedback import stored_files
 from index.metadata import DB_FILE, SCHEMA_VERSION, _connect
 from index.store import STORE_FILE, STORE_VERSION, UPLOADS_DIR
+from models.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,6 @@ class SnapshotReport:
         extra = f"; {len(self.dropped)} deleted meanwhile left out" if self.dropped else ""
         return (f"snapshot {self.path}: {self.images} images ({self.uploads} uploads), change seq {self.last_seq}, "
                 f"{gen}{extra}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -158,7 +150,7 @@ def snapshot(index_dir: str | Path, out: str | Path) -> SnapshotReport:
             "source": str(d.resolve()), "store_version": config["version"], "schema_version": SCHEMA_VERSION,
             "fingerprint": config["fingerprint"], "images": images, "uploads": len(uploads) - len(dropped),
             "last_seq": last_seq, "generation": generation,
-            "files": {p.relative_to(stage).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            "files": {p.relative_to(stage).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                       for p in files},
         }
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -263,5 +255,5 @@ def _verify_extracted(src: Path, root: Path) -> None:
         missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
         raise CorruptIndexError(f"{src}: files differ from its manifest (missing {missing[:5]}, extra {extra[:5]})")
     for rel, meta in listed.items():
-        if _sha256(root / rel) != meta["sha256"]:
+        if sha256_file(root / rel) != meta["sha256"]:
             raise CorruptIndexError(f"{src}: {rel} is corrupt (sha256 differs from the manifest)")

@@ -53,6 +53,17 @@ def load_safetensors_state(path: str | Path) -> dict:
         raise ValueError(f"{p}: not a valid safetensors file ({exc})") from None
 
 
+def sha256_file(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename.
 

@@ -20,7 +20,6 @@ i.e. mean 127/255 and std 128/255 on [0, 1] pixels; it travels in the model card
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
@@ -78,14 +77,6 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "lookalike"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def shipped_file(name: str) -> Path:
     """Path of the ``.pth`` that ``name``'s package ships; clear error when it is not installed."""
     spec = SHIPPED[name]
@@ -141,11 +132,11 @@ def converted_weights(name: str) -> Path:
     import torch
     from safetensors.torch import save
 
-    from models.io import atomic_write
+    from models.io import atomic_write, sha256_file
 
     spec = SHIPPED[name]
     src = shipped_file(name)
-    digest = _sha256(src)
+    digest = sha256_file(src)
     if digest != spec.sha256:
         raise ValueError(f"{src}: sha256 {digest} does not match the pinned {spec.sha256}; refusing to load it")
     out = cache_dir() / "weights" / f"{spec.timm_name}-{digest[:16]}.safetensors"

@@ -292,36 +292,35 @@ class CachedBatches:
 
 
 @torch.inference_mode()
+def _embed_batches(batches, forward, *, device: torch.device, bf16: bool, channels_last: bool, dim: int) -> np.ndarray:
+    """Run ``forward`` over (B, ...) input batches -> (N, D) float32 unit norm."""
+    out = []
+    for x in batches:
+        x = x.to(device).float()
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            raw = forward(x)
+        out.append(F.normalize(raw.float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
 def embed_dataset(model: EmbeddingNet, dataset: ImageDataset, *, device: torch.device, bf16: bool,
                   batch_size: int = 128, workers: int = 0, channels_last: bool = True) -> np.ndarray:
     """Embed every image of ``dataset`` (eval transform) -> (N, D) float32 unit norm."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    out = []
-    for images, _ in loader:
-        images = images.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            raw = model.forward_raw(images)
-        out.append(F.normalize(raw.float(), dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.card.embedding_dim), np.float32)
+    return _embed_batches((images for images, _ in loader), model.forward_raw, device=device, bf16=bf16,
+                          channels_last=channels_last, dim=model.card.embedding_dim)
 
 
-@torch.inference_mode()
 def embed_cached(model: EmbeddingNet, feats: torch.Tensor, *, device: torch.device, bf16: bool,
                  batch_size: int = 256, channels_last: bool = True) -> np.ndarray:
     """Embed cached trunk outputs ((N, C, h, w) bfloat16) -> (N, D) float32 unit norm."""
     model.eval()
-    out = []
-    for i in range(0, feats.shape[0], batch_size):
-        x = feats[i:i + batch_size].to(device).float()
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            raw = model.forward_top_raw(x)
-        out.append(F.normalize(raw.float(), dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.card.embedding_dim), np.float32)
+    return _embed_batches((feats[i:i + batch_size] for i in range(0, feats.shape[0], batch_size)),
+                          model.forward_top_raw, device=device, bf16=bf16, channels_last=channels_last,
+                          dim=model.card.embedding_dim)
 
 
 def evaluate(model: EmbeddingNet, dataset: ImageDataset, *, device: torch.device, bf16: bool,
