@@ -40,7 +40,7 @@ from index import generations as gens
 from index.errors import CorruptIndexError
 from index.feedback import stored_files
 from index.metadata import DB_FILE, SCHEMA_VERSION, _connect
-from index.store import STORE_FILE, STORE_VERSION, UPLOADS_DIR
+from index.store import DELETED_DIR, STORE_FILE, STORE_VERSION, UPLOADS_DIR
 from models.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,11 @@ def snapshot(index_dir: str | Path, out: str | Path) -> SnapshotReport:
             for rid, rel in uploads:
                 try:
                     _link_or_copy(d / UPLOADS_DIR / rel, stage / UPLOADS_DIR / rel)
-                except FileNotFoundError:  # deleted after the copied state: leave the record out too
-                    dropped.append(int(rid))
+                except FileNotFoundError:
+                    try:  # deleted after the copied state: its bytes wait in uploads/.deleted/ for a while
+                        _link_or_copy(d / UPLOADS_DIR / DELETED_DIR / rel, stage / UPLOADS_DIR / rel)
+                    except FileNotFoundError:  # purged too: leave the record out as well
+                        dropped.append(int(rid))
             if dropped:
                 con.execute("BEGIN")
                 for rid in dropped:

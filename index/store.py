@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "store.json"
 UPLOADS_DIR = "uploads"
+#: Removed uploads wait here (``uploads/.deleted/``) for ``DELETED_GRACE_S`` before they are purged,
+#: so a snapshot that began before the delete still finds the bytes of a record it copied.
+DELETED_DIR = ".deleted"
+DELETED_GRACE_S = 600.0
 STORE_VERSION = 1
 #: Re-tune an ANN index at checkpoint when its size moved by more than this fraction.
 RETUNE_DRIFT = 0.2
@@ -619,10 +624,33 @@ class IndexStore:
                 with self._rw.write():
                     self._index.remove_ids(np.asarray(removed, dtype=np.int64))
             self._seq = seq
+        trash = self.directory / UPLOADS_DIR / DELETED_DIR
         for r in uploads:
             if r.id in removed:
-                (self.directory / UPLOADS_DIR / r.path).unlink(missing_ok=True)
+                src = self.directory / UPLOADS_DIR / r.path
+                try:
+                    trash.mkdir(exist_ok=True)
+                    os.replace(src, trash / r.path)  # purged after DELETED_GRACE_S (see purge_deleted)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    src.unlink(missing_ok=True)
         return len(removed)
+
+    def purge_deleted(self, grace_s: float = DELETED_GRACE_S) -> int:
+        """Remove the bytes of deleted uploads older than ``grace_s`` seconds; returns how many."""
+        trash = self.directory / UPLOADS_DIR / DELETED_DIR
+        if not trash.is_dir():
+            return 0
+        now, n = time.time(), 0
+        for p in trash.iterdir():
+            try:
+                if p.is_file() and now - p.stat().st_ctime > grace_s:  # ctime: when it was moved here
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:
+                continue
+        return n
 
     # ------------------------------------------------------------------ checkpoints
     def _desired_factory(self, n: int) -> str:
@@ -661,6 +689,7 @@ class IndexStore:
         Writers wait meanwhile; searches continue.
         """
         self._require_writable()
+        self.purge_deleted()
         with self._wmutex:
             n = len(self)
             desired = self._desired_factory(n)

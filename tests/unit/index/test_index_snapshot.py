@@ -169,3 +169,20 @@ def test_cli_snapshot_and_restore(tmp_path, rng, capsys):
     assert "restored" in capsys.readouterr().out
     assert main(["index", "restore", str(tmp_path / "b.tar"), str(tmp_path / "r")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_deleted_upload_waits_for_snapshots_then_is_purged(tmp_path, rng):
+    """A snapshot that began before a delete still finds the bytes (uploads/.deleted/); a purge
+    after the grace period removes them."""
+    from index.store import DELETED_DIR, UPLOADS_DIR
+
+    with IndexStore.create(tmp_path / "ix", card=make_card(), images_root=tmp_path) as s:
+        rec = s.add_upload(b"bytes of an upload", unit(rng, 1)[0], label="a", ext="jpg")
+        live = tmp_path / "ix" / UPLOADS_DIR / rec.path
+        assert live.is_file()
+        s.remove([rec.id])
+        assert not live.exists() and s.get(rec.id) is None
+        kept = tmp_path / "ix" / UPLOADS_DIR / DELETED_DIR / rec.path
+        assert kept.read_bytes() == b"bytes of an upload"
+        assert s.purge_deleted(grace_s=3600) == 0 and kept.exists()
+        assert s.purge_deleted(grace_s=0) == 1 and not kept.exists()
