@@ -82,7 +82,13 @@ def build_fixture(work: Path, args) -> tuple[Path, Path, list[Path]]:
     rng = np.random.default_rng(0)
     queries = [files[i] for i in sorted(rng.choice(len(files), size=min(args.images, len(files)), replace=False))]
 
-    key = json.dumps({"size": args.image_size, "dim": args.dim, "n": args.index_size, "factory": args.factory,
+    if args.pretrained:  # a zero-shot model: the default recipe's architecture, size and D
+        from models.net import zero_shot_model
+
+        probe = zero_shot_model(args.pretrained, weights="DEFAULT").card
+        args.image_size, args.dim = probe.image_size, probe.embedding_dim
+    key = json.dumps({"pretrained": args.pretrained, "size": args.image_size, "dim": args.dim, "n": args.index_size,
+                      "factory": args.factory,
                       "q": [str(q) for q in queries]}, sort_keys=True)
     stamp = work / "fixture.json"
     model_dir, index_dir = work / "model", work / "index"
@@ -92,8 +98,13 @@ def build_fixture(work: Path, args) -> tuple[Path, Path, list[Path]]:
     shutil.rmtree(index_dir, ignore_errors=True)
     torch.manual_seed(0)
     resize = int(round(args.image_size / 0.875))
-    save_model(EmbeddingNet(ModelCard(backbone="resnet18", embedding_dim=args.dim, image_size=args.image_size,
-                                      resize_size=resize)), model_dir)
+    if args.pretrained:
+        from models.net import zero_shot_model
+
+        save_model(zero_shot_model(args.pretrained, weights="DEFAULT"), model_dir)
+    else:
+        save_model(EmbeddingNet(ModelCard(backbone="resnet18", embedding_dim=args.dim, image_size=args.image_size,
+                                          resize_size=resize)), model_dir)
     export_onnx(model_dir)
     card = load_card(model_dir)
     backend = TorchBackend(model_dir, bf16=False)
@@ -508,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop a server's share of a round after this long (a collapsed server does fewer "
                         "requests; the count is reported)")
     p.add_argument("--index-size", type=int, default=100_000, help="synthetic vectors in the index")
+    p.add_argument("--pretrained", metavar="BACKBONE",
+                   help="serve a zero-shot model of this backbone (e.g. efficientnet_lite0: the default recipe's "
+                        "network, 224 px, D=1280) instead of a seeded resnet18; sets --image-size and --dim")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--factory", default="auto")
