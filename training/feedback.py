@@ -83,7 +83,8 @@ def load_feedback_pairs(index_dir: str | Path, *, images_root: str | Path | None
 
 
 class FeedbackLoss:
-    """``extra_loss()`` for the training loop: the contrastive terms of a sample of marked pairs.
+    """``extra_loss()`` for the training loop: the contrastive terms of a sample of marked pairs,
+    half of them wrong marks (all of them when there are fewer) and half right ones.
 
     Args:
         pairs: the marks.
@@ -104,9 +105,18 @@ class FeedbackLoss:
         self.r = torch.as_tensor(pairs.result)
         self.right = torch.as_tensor(pairs.right)
 
+    def _sample(self, pool: Tensor, n: int) -> Tensor:
+        if len(pool) <= n:
+            return pool
+        return pool[torch.randperm(len(pool), generator=self.generator)[:n]]
+
     def __call__(self) -> Tensor:
-        n = len(self.q)
-        pick = torch.randperm(n, generator=self.generator)[: self.per_step] if n > self.per_step else torch.arange(n)
+        # wrong and right marks in balance: users mostly confirm good results, and the wrong marks
+        # are the hard signal, so they must not be drowned by the right ones
+        wrong_pool = torch.nonzero(~self.right).flatten()
+        right_pool = torch.nonzero(self.right).flatten()
+        n_wrong = min(len(wrong_pool), max(self.per_step // 2, self.per_step - len(right_pool)))
+        pick = torch.cat([self._sample(wrong_pool, n_wrong), self._sample(right_pool, self.per_step - n_wrong)])
         q, r, right = self.q[pick], self.r[pick], self.right[pick].float()
         uniq, inv = torch.unique(torch.cat([q, r]), return_inverse=True)
         emb = F.normalize(self.embed(uniq).float(), dim=1)
