@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import platform
 import tempfile
 import time
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from models import ModelCard, save_model
-    from models.backends import bf16_supported
+    from models.backends import bf16_supported, cpu_info
     from models.net import EmbeddingNet
 
     torch.set_num_threads(args.threads)
@@ -174,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         images = tmp / "images"
         for f in files:  # the job walks a folder: link the chosen files into one
             (images / f.parent.name).mkdir(parents=True, exist_ok=True)
-            (images / f.parent.name / f.name).symlink_to(f)
+            try:  # the job ignores symlinks that leave the images root: hard link, else copy
+                os.link(f, images / f.parent.name / f.name)
+            except OSError:
+                shutil.copy2(f, images / f.parent.name / f.name)
         from models import load_card
 
         card = load_card(model_dir)
         out = {"benchmark": "indexing", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                                    "bf16_supported": bf16_supported()},
+                                                    "bf16_supported": bf16_supported(), "cpu": cpu_info()},
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "model": {"backbone": card.backbone, "image_size": card.image_size, "embedding_dim": card.embedding_dim,
                          "trained": bool(card.config_digest), "dir": str(args.model or "seeded untrained")},
