@@ -28,7 +28,7 @@ MAX_LABEL_CHARS = 200
 
 @dataclass
 class Upload:
-    data: bytes                # the file's bytes, at most the upload limit
+    data: bytes | None         # the file's bytes, at most the upload limit (None: no file, when optional)
     fields: dict[str, str]     # the other form fields
 
 
@@ -45,17 +45,22 @@ def upload_openapi(*fields: tuple[str, dict]) -> dict:
     }
 
 
-async def read_upload(request: Request, max_upload_bytes: int) -> Upload:
-    """Parse ``multipart/form-data`` with one ``file`` part.
+async def read_upload(request: Request, max_upload_bytes: int, *, file_required: bool = True,
+                      what: str = "the image as multipart/form-data with a 'file' field") -> Upload:
+    """Parse a form with at most one ``file`` part (required unless ``file_required=False``).
+
+    Without a required file, ``application/x-www-form-urlencoded`` is accepted too and
+    ``Upload.data`` is None when no file was sent. ``what`` completes the 415 message
+    ("send ...").
 
     Raises:
-        ApiError: 415 not multipart, 400 malformed multipart, 422 no ``file`` part,
-            413 file over ``max_upload_bytes``.
+        ApiError: 415 not multipart (or not a form), 400 malformed multipart, 422 no ``file``
+            part when required, 413 file over ``max_upload_bytes``.
     """
-    ctype = request.headers.get("content-type", "")
-    if not ctype.lower().startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type",
-                       "send the image as multipart/form-data with a 'file' field")
+    ctype = request.headers.get("content-type", "").lower()
+    kinds = ("multipart/form-data",) if file_required else ("multipart/form-data", "application/x-www-form-urlencoded")
+    if not ctype.startswith(kinds):
+        raise ApiError(415, "unsupported_media_type", f"send {what}")
     try:
         form = await request.form(max_files=1, max_fields=16, max_part_size=MAX_FIELD_BYTES)
     except MultiPartException as exc:
@@ -67,12 +72,14 @@ async def read_upload(request: Request, max_upload_bytes: int) -> Upload:
     except ClientDisconnect:
         raise ApiError(400, "bad_request", "client disconnected while sending the body") from None
     try:
+        data = None
         file = form.get("file")
-        if not isinstance(file, UploadFile):
+        if isinstance(file, UploadFile):
+            data = await file.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise ApiError(413, "too_large", f"image is over the limit of {max_upload_bytes} bytes")
+        elif file_required:
             raise ApiError(422, "invalid_parameter", "file: an image file part named 'file' is required")
-        data = await file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise ApiError(413, "too_large", f"image is over the limit of {max_upload_bytes} bytes")
         fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
     finally:
         await form.close()

@@ -19,17 +19,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
-from starlette.requests import ClientDisconnect
 
 from index.feedback import VERDICTS, add_feedback, list_feedback
 from service.deps import WriterDep
 from service.errors import ApiError
 from service.routers.common import errors
 from service.state import ServiceState
-from service.uploads import MAX_FIELD_BYTES, decode_to_input
+from service.uploads import decode_to_input, read_upload
 
 log = logging.getLogger(__name__)
 
@@ -77,38 +73,6 @@ _OPENAPI = {"requestBody": {"required": True, "content": {
                                        "properties": _FORM_FIELDS}}}}}
 
 
-async def _read_form(request: Request, max_upload_bytes: int) -> tuple[dict[str, str], bytes | None]:
-    """The form's text fields and its ``file`` part (at most ``max_upload_bytes``), if any.
-
-    Raises:
-        ApiError: 415 not a form, 400 malformed multipart, 413 file over the limit.
-    """
-    ctype = request.headers.get("content-type", "").lower()
-    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        raise ApiError(415, "unsupported_media_type",
-                       "send the feedback as multipart/form-data (verdict, result_id, and query_id or file)")
-    try:
-        form = await request.form(max_files=1, max_fields=16, max_part_size=MAX_FIELD_BYTES)
-    except (MultiPartException, HTTPException) as exc:
-        if isinstance(exc, HTTPException) and exc.status_code != 400:
-            raise
-        message = getattr(exc, "message", None) or getattr(exc, "detail", "")
-        raise ApiError(400, "bad_multipart", f"malformed multipart body: {message}") from None
-    except ClientDisconnect:
-        raise ApiError(400, "bad_request", "client disconnected while sending the body") from None
-    try:
-        data = None
-        file = form.get("file")
-        if isinstance(file, UploadFile):
-            data = await file.read(max_upload_bytes + 1)
-            if len(data) > max_upload_bytes:
-                raise ApiError(413, "too_large", f"image is over the limit of {max_upload_bytes} bytes")
-        fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
-    finally:
-        await form.close()
-    return fields, data
-
-
 def _parse_id(name: str, raw: str | None) -> int | None:
     """An image id form field: None when absent or empty, else an integer >= 0 (422 otherwise)."""
     if raw is None or not raw.strip():
@@ -138,7 +102,9 @@ async def post_feedback(request: Request, state: WriterDep) -> FeedbackCreated:
     """Record that, for a query, a result is a ``wrong`` or a ``right`` match. The query is
     ``query_id`` (an indexed image) or ``file`` (the uploaded image, stored with the mark).
     A 201 means the mark is durable; 404 names an id that is not indexed."""
-    fields, data = await _read_form(request, state.settings.max_upload_bytes)
+    upload = await read_upload(request, state.settings.max_upload_bytes, file_required=False,
+                               what="the feedback as multipart/form-data (verdict, result_id, and query_id or file)")
+    fields, data = upload.fields, upload.data
     verdict = (fields.get("verdict") or "").strip()
     if verdict not in VERDICTS:
         raise ApiError(422, "invalid_parameter", f"verdict: must be one of {list(VERDICTS)}, got {verdict[:32]!r}")
