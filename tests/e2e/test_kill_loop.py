@@ -47,6 +47,7 @@ def _writer(url: str, stop: threading.Event, adds: dict, deletes: set, tried: se
 
 def _check(url: str, index_dir, adds: dict, deletes: set, tried: set) -> None:
     from index import IndexStore
+    from index.store import DELETED_DIR
 
     with httpx.Client(timeout=10) as c:
         for rid, data in adds.items():
@@ -64,6 +65,10 @@ def _check(url: str, index_dir, adds: dict, deletes: set, tried: set) -> None:
     assert not debris, debris
     with IndexStore.open(index_dir) as store:  # a reader, beside the running writer
         for f in uploads.iterdir() if uploads.is_dir() else []:
+            if f.name == DELETED_DIR:  # bytes of deleted uploads, kept a while for snapshots in progress
+                for g in f.iterdir():
+                    assert store.get_by_sha256(g.name.split(".")[0]) is None, f"live upload in {DELETED_DIR}: {g.name}"
+                continue
             assert store.get_by_sha256(f.name.split(".")[0]) is not None, f"orphan upload {f.name}"
 
 
