@@ -62,8 +62,10 @@ def main() -> None:
     from index import IndexStore
     from index.feedback import add_feedback
     from lookalike.cli import main as cli
+    from lookalike.cli import wire_feedback
     from training.feedback import load_feedback_pairs, still_wrong
 
+    wire_feedback()
     cpu = cpu_info()
     print(json.dumps({"cpu": cpu}), flush=True)
     work = Path(args.workdir)

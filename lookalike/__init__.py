@@ -1,3 +1,8 @@
 """lookalike: image retrieval by metric learning (entry point package: the CLI)."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one source: pyproject.toml's version, as installed
+    __version__ = version("lookalike")
+except PackageNotFoundError:
+    __version__ = "0+unknown"

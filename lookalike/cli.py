@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def wire_feedback() -> None:
+    """Let training read relevance feedback from an index: training's dependencies point to
+    models only, so the command, which may import both, hands it index's reader."""
+    from index.feedback import read_feedback
+    from training.feedback import set_feedback_reader
+
+    set_feedback_reader(read_feedback)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -44,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        if args.command in ("train", "eval"):
+            wire_feedback()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("lookalike: interrupted", file=sys.stderr)

@@ -91,7 +91,12 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
             loads ``settings.model_dir`` with ``settings.backend``.
         index_opener: ``(card, writable) -> IndexStore``; None opens ``settings.index_dir``.
     """
-    from lookalike import __version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # the installed distribution's version; service does not import the lookalike command
+        __version__ = version("lookalike")
+    except PackageNotFoundError:
+        __version__ = "0+unknown"
 
     settings = settings if settings is not None else Settings()
     metrics = ServiceMetrics()

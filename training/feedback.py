@@ -15,9 +15,10 @@ query's nearest image of its own label in the evaluated set).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,15 +48,40 @@ class FeedbackPairs:
         return len(self.query)
 
 
-def load_feedback_pairs(index_dir: str | Path, *, images_root: str | Path | None = None) -> FeedbackPairs:
-    """Read an index's marks (the newest of each pair) and skip the ones whose files are gone.
+#: Reads an index's marks: ``reader(index_dir)`` -> records with ``query_image``, ``query_label``,
+#: ``result_image``, ``result_label`` and ``verdict`` (``index.feedback.read_feedback``). training
+#: does not import index (its dependencies point to models only); the ``lookalike`` command wires
+#: the reader in with :func:`set_feedback_reader`.
+FeedbackReader = Callable[[str | Path], Sequence[Any]]
+_reader: FeedbackReader | None = None
+
+
+def set_feedback_reader(reader: FeedbackReader | None) -> None:
+    """Register how relevance feedback is read from an index directory (None: unregister)."""
+    global _reader
+    _reader = reader
+
+
+def load_feedback_pairs(index_dir: str | Path) -> FeedbackPairs:
+    """The marks of the index at ``index_dir``, through the registered reader.
 
     Raises:
-        ValueError: when the index holds no usable mark.
+        ValueError: no reader registered, or the index holds no usable mark.
     """
-    from index.feedback import read_feedback
+    if _reader is None:
+        raise ValueError("reading relevance feedback needs a reader: use `lookalike train --feedback INDEX`, or call "
+                         "training.feedback.set_feedback_reader(index.feedback.read_feedback) first")
+    return pairs_from_records(_reader(index_dir), source=str(index_dir))
 
-    records = read_feedback(index_dir, images_root=images_root)
+
+def pairs_from_records(records: Sequence[Any], *, source: str) -> FeedbackPairs:
+    """Marks (newest of each pair, as ``read_feedback`` returns them) -> pairs over unique image files.
+
+    Marks whose image files are gone are skipped (logged).
+
+    Raises:
+        ValueError: when no usable mark remains.
+    """
     where: dict[Path, int] = {}
     labels: dict[Path, str | None] = {}
     q, r, right = [], [], []
@@ -72,12 +98,13 @@ def load_feedback_pairs(index_dir: str | Path, *, images_root: str | Path | None
         r.append(where[rec.result_image])
         right.append(rec.verdict == "right")
     if missing:
-        log.warning("%s: %d feedback marks skipped (image files no longer exist)", index_dir, missing)
+        log.warning("%s: %d feedback marks skipped (image files no longer exist)", source, missing)
     if not q:
-        raise ValueError(f"{index_dir}: no usable relevance feedback (mark results on the search page or with "
+        raise ValueError(f"{source}: no usable relevance feedback (mark results on the search page or with "
                          "POST /v1/feedback first)")
-    pairs = FeedbackPairs(list(where), [labels[p] for p in where], np.asarray(q, np.int64), np.asarray(r, np.int64), np.asarray(right, bool))
-    log.info("feedback from %s: %d pairs (%d wrong, %d right) over %d images", index_dir, len(pairs),
+    pairs = FeedbackPairs(list(where), [labels[p] for p in where], np.asarray(q, np.int64), np.asarray(r, np.int64),
+                          np.asarray(right, bool))
+    log.info("feedback from %s: %d pairs (%d wrong, %d right) over %d images", source, len(pairs),
              int((~pairs.right).sum()), int(pairs.right.sum()), len(pairs.images))
     return pairs
 

@@ -99,22 +99,20 @@ def test_train_and_eval_with_feedback_from_an_index(tmp_path, capsys):
 
 def test_an_index_without_marks_is_a_clear_error(tmp_path):
     from index import IndexStore
+    from index.feedback import read_feedback
 
     from tests.unit.index.helpers import make_card
-    from training.feedback import load_feedback_pairs
+    from training.feedback import load_feedback_pairs, pairs_from_records, set_feedback_reader
 
     IndexStore.create(tmp_path / "idx", card=make_card(), images_root=tmp_path).close()
-    with pytest.raises(ValueError, match="no usable relevance feedback"):
+    set_feedback_reader(None)
+    with pytest.raises(ValueError, match="needs a reader"):
         load_feedback_pairs(tmp_path / "idx")
-
-
-def test_samples_balance_wrong_and_right_marks():
-    pairs = FeedbackPairs(images=[Path(f"{i}.jpg") for i in range(40)], labels=[None] * 40,
-                          query=np.zeros(39, np.int64), result=np.arange(1, 40),
-                          right=np.array([False] * 3 + [True] * 36))
-    seen = []
-    loss = FeedbackLoss(pairs, lambda idx: seen.append(idx.tolist()) or torch.randn(len(idx), 4), per_step=8)
-    for _ in range(5):
-        loss()
-    for ids in seen:  # image 0 (the query) + 8 results: all 3 wrong ones (images 1..3) and 5 right ones
-        assert len(ids) == 9 and {1, 2, 3} <= set(ids)
+    set_feedback_reader(read_feedback)
+    try:
+        with pytest.raises(ValueError, match="no usable relevance feedback"):
+            load_feedback_pairs(tmp_path / "idx")
+    finally:
+        set_feedback_reader(None)
+    with pytest.raises(ValueError, match="no usable relevance feedback"):
+        pairs_from_records([], source="x")
