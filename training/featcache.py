@@ -55,17 +55,25 @@ class FeatureCache:
         return self.feats[v, idx].float()
 
 
+def autocast_forward(forward, x: torch.Tensor, *, device: torch.device, bf16: bool,
+                     channels_last: bool) -> torch.Tensor:
+    """``forward(x)`` the way training and evaluation run it: ``x`` moved to ``device`` as float32,
+    channels_last when it is a 4-D batch, under bf16 autocast when ``bf16``."""
+    x = x.to(device, non_blocking=True).float()
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        return forward(x)
+
+
 @torch.inference_mode()
 def _one_view(trunk: nn.Module, dataset: ImageDataset, *, device: torch.device, bf16: bool, batch_size: int,
               channels_last: bool, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)  # the view's random crops and flips
     out = []
     for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        images = images.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            out.append(trunk(images).to(torch.bfloat16).contiguous().cpu())
+        feats = autocast_forward(trunk, images, device=device, bf16=bf16, channels_last=channels_last)
+        out.append(feats.to(torch.bfloat16).contiguous().cpu())
     return torch.cat(out)
 
 

@@ -36,6 +36,7 @@ from training.budget import plan_steps
 from training.checkpoint import load_checkpoint, restore, save_checkpoint
 from training.config import TrainConfig, dump_config
 from training.data import ImageDataset, PKSampler, make_splits, should_cache
+from training.featcache import autocast_forward, build_cache
 from training.losses import build_loss
 from training.metrics import retrieval_metrics
 from training.miners import build_miner
@@ -222,13 +223,8 @@ def train_one_epoch(model: EmbeddingNet, loader, *, loss_fn: nn.Module, miner, a
     for images, labels in bar:
         if stop is not None and stop():
             break
-        images = images.to(device, non_blocking=True)
-        if channels_last and images.ndim == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            raw = forward(images)
-        raw = raw.float()
+        raw = autocast_forward(forward, images, device=device, bf16=bf16, channels_last=channels_last).float()
         emb = F.normalize(raw, dim=1)
         tuples = miner(emb, labels) if miner is not None else None
         metric_loss = loss_fn(emb, labels, tuples)
@@ -296,11 +292,7 @@ def _embed_batches(batches, forward, *, device: torch.device, bf16: bool, channe
     """Run ``forward`` over (B, ...) input batches -> (N, D) float32 unit norm."""
     out = []
     for x in batches:
-        x = x.to(device).float()
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            raw = forward(x)
+        raw = autocast_forward(forward, x, device=device, bf16=bf16, channels_last=channels_last)
         out.append(F.normalize(raw.float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
@@ -492,8 +484,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
                             batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
     if cached:
-        from training.featcache import build_cache
-
         views = views_that_fit(model, card, splits, device, max_views=cfg.data.cached_views,
                                budget_mb=cfg.data.cache_budget_mb)
         base = ImageDataset(splits["train"], card, train=False, cache=in_ram)
@@ -717,24 +707,16 @@ def _feedback_loss(cfg: TrainConfig, model: EmbeddingNet, card: ModelCard, *, de
     ds = ImageDataset(Split(list(pairs.images), [0] * len(pairs.images), ["feedback"]), card, train=False,
                       cache=True)
     if cached:
-        from training.featcache import build_cache
-
         feats = build_cache(model.trunk, ds, device=device, bf16=bf16, channels_last=cfg.channels_last,
                             progress=progress, name="feedback").feats[0]
 
         def embed(idx: torch.Tensor) -> torch.Tensor:
-            x = feats[idx].to(device).float()
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                return model.forward_top_raw(x)
+            return autocast_forward(model.forward_top_raw, feats[idx], device=device, bf16=bf16,
+                                    channels_last=cfg.channels_last)
     else:
         def embed(idx: torch.Tensor) -> torch.Tensor:
-            x = torch.stack([ds[int(i)][0] for i in idx]).to(device)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                return model.forward_raw(x)
+            return autocast_forward(model.forward_raw, torch.stack([ds[int(i)][0] for i in idx]), device=device,
+                                    bf16=bf16, channels_last=cfg.channels_last)
 
     return FeedbackLoss(pairs, embed, per_step=cfg.loss.feedback_pairs, weight=cfg.loss.feedback_weight,
                         margin=cfg.loss.margin if cfg.loss.distance == "cosine" else 0.5,
