@@ -188,23 +188,46 @@ function saveKey() {
   if (mark) markResult(mark.hit, mark.verdict, mark.li);
 }
 
+// The newest search wins: each one takes a sequence number and aborts the one before it, and a
+// response (or error) that arrives for an older search is dropped. Changing k and at once picking
+// another file could otherwise show the new file's error beside the old image's results.
+let searchSeq = 0;
+let inflight = null;  // AbortController of the search in progress
+
+function clearResults() {
+  els.results.replaceChildren();
+  currentQuery = null;
+}
+
 async function run(request, query) {
+  const seq = ++searchSeq;
+  if (inflight) inflight.abort();
+  const controller = new AbortController();
+  inflight = controller;
+  const stale = () => seq !== searchSeq;
   clearError();
   els.status.textContent = "Searching…";
-  let resp;
   try {
-    resp = await request();
+    const resp = await request(controller.signal);
+    if (stale()) return;
+    if (!resp.ok) {
+      const message = await errorMessage(resp);
+      if (stale()) return;
+      clearResults();
+      showError(message);
+      return;
+    }
+    const data = await resp.json();
+    if (stale()) return;
+    currentQuery = query;
+    renderResults(data);
   } catch (err) {
+    if (stale()) return;  // aborted by a newer search, or failed after one started
+    clearResults();
     showError("Could not reach the server. Check your connection and try again.");
-    return;
+  } finally {
+    if (inflight === controller) inflight = null;
   }
-  if (!resp.ok) {
-    els.results.replaceChildren();
-    showError(await errorMessage(resp));
-    return;
-  }
-  currentQuery = query;
-  renderResults(await resp.json());
 }
 
 function searchFile(file) {
@@ -216,14 +239,14 @@ function searchFile(file) {
   const body = new FormData();
   body.append("file", file);
   body.append("k", els.k.value);
-  return run(() => fetch("/v1/search", { method: "POST", body }), { file });
+  return run((signal) => fetch("/v1/search", { method: "POST", body, signal }), { file });
 }
 
 function searchSimilar(hit) {
   lastFile = null;
   showQuery(hit.image_url, hit.label ? `${hit.label} (#${hit.id})` : `#${hit.id}`);
   const k = encodeURIComponent(els.k.value);
-  return run(() => fetch(`/v1/images/${hit.id}/similar?k=${k}`), { id: hit.id });
+  return run((signal) => fetch(`/v1/images/${hit.id}/similar?k=${k}`, { signal }), { id: hit.id });
 }
 
 async function loadInfo() {
@@ -237,7 +260,12 @@ async function loadInfo() {
   }
 }
 
-els.file.addEventListener("change", () => searchFile(els.file.files[0]));
+els.file.addEventListener("change", () => {
+  const file = els.file.files[0];
+  // Reset the input, so picking the same file again is a change too and searches again.
+  els.file.value = "";
+  searchFile(file);
+});
 els.k.addEventListener("change", () => { if (lastFile) searchFile(lastFile); });
 els.form.addEventListener("submit", (e) => e.preventDefault());
 els.keyBox.addEventListener("submit", (e) => { e.preventDefault(); saveKey(); });

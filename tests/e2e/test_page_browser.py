@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lookalike.client import Client
 from tests.unit.service import imagegen
 
 pytestmark = pytest.mark.slow
@@ -113,3 +116,71 @@ def test_drag_and_drop(page):
     )
     expect(page.locator("[data-testid=result]")).to_have_count(10)
     assert page.locator("#query-caption").inner_text() == "dropped.jpg"
+
+
+def _shown_ids(page) -> list[str]:
+    return page.locator("[data-testid=result]").evaluate_all("els => els.map(e => e.dataset.id)")
+
+
+def test_newest_search_wins_and_an_error_clears_old_results(page, server, e2e_images):
+    """Change k (a slow search of the good image), then at once pick a bad file (a fast 415):
+    the page shows the bad file's error and no results, also after the slow answer comes."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    root, files = e2e_images
+    page.wait_for_selector("text=/images indexed/")
+    page.set_input_files("[data-testid=file-input]", str(files[5]))
+    expect(page.locator("[data-testid=result]")).to_have_count(10)
+
+    held = []  # the k-change search, held back by the test until the bad file's answer is shown
+
+    def hold_first(route) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/v1/search", hold_first)
+    with page.expect_request("**/v1/search"):
+        page.select_option("[data-testid=k-select]", "20")
+    page.set_input_files("[data-testid=file-input]",
+                         files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": imagegen.tiff()}])
+    error = page.locator("[data-testid=error]")
+    expect(error).to_contain_text("This file type is not supported")
+    expect(page.locator("[data-testid=result]")).to_have_count(0)
+    assert held, "the k-change search was not intercepted"
+
+    # Now the slow search's answer (20 hits for the good image) arrives, late. (Playwright does
+    # not see a disk file's bytes in the held request, so the test asks the server itself.)
+    with Client(server.url) as api:
+        answer = api.search(files[5], k=20)
+    assert len(answer.hits) == 20
+    route = held[0]
+    try:
+        route.fulfill(status=200, content_type="application/json", body=json.dumps({
+            "results": [dataclasses.asdict(h) for h in answer.hits], "k": answer.k, "offset": answer.offset,
+            "model": answer.model, "index": answer.index, "took_ms": answer.took_ms}))
+    except PlaywrightError:
+        pass  # the page already aborted that request: nothing can arrive
+    page.wait_for_timeout(1000)  # time for a late answer to be (wrongly) rendered
+    assert _shown_ids(page) == []
+    assert error.is_visible() and "This file type is not supported" in error.inner_text()
+    assert page.locator("#query-caption").inner_text() == "notes.jpg"
+
+
+def test_picking_the_same_file_again_searches_again(page, e2e_images):
+    root, files = e2e_images
+    searches: list[str] = []
+    page.on("request", lambda r: searches.append(r.url) if r.url.endswith("/v1/search") else None)
+    page.wait_for_selector("text=/images indexed/")
+    page.set_input_files("[data-testid=file-input]", str(files[3]))
+    results = page.locator("[data-testid=result]")
+    expect(results).to_have_count(10)
+    first = _shown_ids(page)
+    # the input is reset after each pick, so the browser reports the same file as a new choice
+    assert page.eval_on_selector("[data-testid=file-input]", "el => el.value") == ""
+    page.evaluate("() => document.querySelector('[data-testid=results]').replaceChildren()")
+    page.set_input_files("[data-testid=file-input]", str(files[3]))
+    expect(results).to_have_count(10)
+    assert _shown_ids(page) == first
+    assert len(searches) == 2
