@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Union
+from urllib.parse import quote
 
 import httpx
 
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 #: An image to upload: a file path, its bytes, or a binary file object opened for reading.
 ImageInput = Union[str, os.PathLike, bytes, IO[bytes]]
 
-__all__ = ["AddResult", "BatchItem", "Client", "DeleteResult", "Hit", "ImageInfo", "ImageInput", "IndexInfo",
-           "LookalikeError", "SearchResult"]
+__all__ = ["AddResult", "BatchItem", "Client", "CollectionStatus", "DeleteResult", "Hit", "ImageInfo", "ImageInput",
+           "IndexInfo", "LookalikeError", "SearchResult"]
 
 
 class LookalikeError(Exception):
@@ -137,6 +138,19 @@ class IndexInfo:
     backend: str
 
 
+@dataclass(frozen=True)
+class CollectionStatus:
+    """One collection of the service (``GET /v1/collections``)."""
+
+    name: str
+    status: str  #: "ready", "loading", "failed" or "stopping"
+    model: str  #: fingerprint of its model ("" until loaded)
+    backend: str
+    index_size: int
+    generation: int
+    writable: bool
+
+
 def _hits(rows: Iterable[dict]) -> list[Hit]:
     return [Hit(id=int(r["id"]), score=float(r["score"]), path=r["path"], label=r.get("label"),
                 image_url=r["image_url"]) for r in rows]
@@ -189,13 +203,22 @@ class Client:
         timeout: seconds per request.
         http: an ``httpx.Client`` to use instead of making one (its ``base_url`` is used; e.g.
             FastAPI's ``TestClient`` in tests). The caller closes it.
+        collection: the named collection to search and write (``/v1/collections/{name}/...``);
+            None = the default collection (``/v1/...``).
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: float = 30.0, http: httpx.Client | None = None) -> None:
+                 timeout: float = 30.0, http: httpx.Client | None = None, collection: str | None = None) -> None:
         self._own = http is None
         self._http = http if http is not None else httpx.Client(base_url=base_url, timeout=timeout)
         self._api_key = api_key if api_key is not None else (os.environ.get("LOOKALIKE_API_KEY") or None)
+        self.collection = collection
+        self._prefix = "/v1" if collection is None else f"/v1/collections/{quote(collection, safe='')}"
+
+    def in_collection(self, name: str | None) -> "Client":
+        """A client of collection ``name`` (None = the default) sharing this one's connection
+        and key; closing it leaves this one open."""
+        return Client(http=self._http, api_key=self._api_key, collection=name)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -209,7 +232,12 @@ class Client:
         self.close()
 
     # ---- plumbing -----------------------------------------------------------------------------
-    def _request(self, method: str, path: str, *, auth: bool = False, **kw: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, *, auth: bool = False, scoped: bool = True,
+                 **kw: Any) -> httpx.Response:
+        """``method`` on ``path``, which when ``scoped`` is relative to this client's collection
+        (``/search`` is ``/v1/search`` or ``/v1/collections/{name}/search``); error answers raise."""
+        if scoped:
+            path = self._prefix + path
         headers = kw.pop("headers", {})
         if auth:
             if not self._api_key:
@@ -246,14 +274,14 @@ class Client:
         label, ``exclude_label`` drops one (k hits still come back when k match).
         """
         name, data = _file_part(image)
-        resp = self._request("POST", "/v1/search", files={"file": (name, data)},
+        resp = self._request("POST", "/search", files={"file": (name, data)},
                              data=_window(k, offset, label, exclude_label))
         return _search_result(resp.json())
 
     def similar(self, image_id: int, *, k: int | None = None, offset: int = 0, label: str | None = None,
                 exclude_label: str | None = None) -> SearchResult:
         """The ``k`` images most similar to the indexed image ``image_id``, itself excluded."""
-        resp = self._request("GET", f"/v1/images/{int(image_id)}/similar",
+        resp = self._request("GET", f"/images/{int(image_id)}/similar",
                              params=_window(k, offset, label, exclude_label))
         return _search_result(resp.json())
 
@@ -267,7 +295,7 @@ class Client:
         if not images:
             raise ValueError("search_batch needs at least one image")
         files = [("file", _file_part(im, i)) for i, im in enumerate(images)]
-        resp = self._request("POST", "/v1/search/batch", files=files, data=_window(k, offset, label, exclude_label))
+        resp = self._request("POST", "/search/batch", files=files, data=_window(k, offset, label, exclude_label))
         items = []
         for it in resp.json()["items"]:
             err = it.get("error")
@@ -289,19 +317,19 @@ class Client:
         data: dict[str, Any] = dict(_window(k, offset, label, exclude_label))
         if ids:
             data["id"] = [str(int(i)) for i in ids]
-        resp = self._request("POST", "/v1/search/mean", files=files or None, data=data)
+        resp = self._request("POST", "/search/mean", files=files or None, data=data)
         return _search_result(resp.json())
 
     # ---- images -------------------------------------------------------------------------------
     def image(self, image_id: int) -> bytes:
         """The file bytes of an indexed image."""
-        return self._request("GET", f"/v1/images/{int(image_id)}").content
+        return self._request("GET", f"/images/{int(image_id)}").content
 
     def add(self, image: ImageInput, *, label: str | None = None) -> AddResult:
         """Index an image (API key). Durable when it returns; ``created`` is False if the same
         bytes were already indexed."""
         name, data = _file_part(image)
-        resp = self._request("POST", "/v1/images", auth=True, files={"file": (name, data)},
+        resp = self._request("POST", "/images", auth=True, files={"file": (name, data)},
                              data={"label": label} if label is not None else {})
         body = resp.json()
         return AddResult(image=_image_info(body["image"]), created=bool(body["created"]),
@@ -309,12 +337,19 @@ class Client:
 
     def delete(self, image_id: int) -> DeleteResult:
         """Remove an indexed image (API key). Durable when it returns; 404 if unknown."""
-        body = self._request("DELETE", f"/v1/images/{int(image_id)}", auth=True).json()
+        body = self._request("DELETE", f"/images/{int(image_id)}", auth=True).json()
         return DeleteResult(id=int(body["id"]), deleted=bool(body["deleted"]), index_size=int(body["index_size"]))
+
+    def collections(self) -> list[CollectionStatus]:
+        """Every collection the service has, the default first, with its state (``GET /v1/collections``)."""
+        resp = self._request("GET", "/v1/collections", scoped=False)
+        return [CollectionStatus(name=c["name"], status=c["status"], model=c["model"], backend=c["backend"],
+                                 index_size=int(c["index_size"]), generation=int(c["generation"]),
+                                 writable=bool(c["writable"])) for c in resp.json()["collections"]]
 
     def index_info(self) -> IndexInfo:
         """Size, factory, metric, model fingerprint, generation and measured recall of the index."""
-        b = self._request("GET", "/v1/index").json()
+        b = self._request("GET", "/index").json()
         return IndexInfo(size=int(b["size"]), dim=int(b["dim"]), factory=b["factory"], metric=b["metric"],
                          model=b["model"], generation=int(b["generation"]), recall_at_10=b.get("recall_at_10"),
                          recall_target=b.get("recall_target"), faiss_version=b.get("faiss_version"),

@@ -9,16 +9,19 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
+from service.collections import Collections
+from service.deps import CollectionPath
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import (BodyBufferMiddleware, BodyLimitMiddleware, ErrorContractMiddleware,
                                 MetricsMiddleware, SecurityHeadersMiddleware)
-from service.routers import feedback, health, images, index, page, search
+from service.routers import collections, feedback, health, images, index, page, search
 from service.settings import Settings
-from service.state import BackendFactory, IndexOpener, ServiceState
+from service.state import BackendFactory, IndexOpener
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +31,16 @@ images ranked by cosine similarity. Errors are always `{"error": {"code", "messa
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    state: ServiceState = app.state.lookalike
+    registry: Collections = app.state.collections
     try:
-        await state.start()
-    except BaseException as exc:
-        state.error = f"{type(exc).__name__}: {exc}"
-        await state.stop()
+        await registry.start()
+    except BaseException:
+        await registry.stop()
         raise
     try:
         yield
     finally:
-        await state.stop()
+        await registry.stop()
 
 
 def _openapi(app: FastAPI, settings: Settings) -> dict:
@@ -81,15 +83,40 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     return schema
 
 
+#: Where a named collection's copy of each ``/v1/...`` route lives.
+COLLECTION_PREFIX = "/v1/collections/{collection}"
+
+
+def collection_routes(router: APIRouter) -> APIRouter:
+    """The ``/v1/...`` routes of ``router`` again under ``/v1/collections/{collection}/...``.
+
+    Each route is copied with its full path (not included with a prefix): FastAPI puts the
+    route it matched in ``scope["route"]``, and the metrics label every request with that route's
+    own path, which for an included-with-prefix route lacks the prefix."""
+    out = APIRouter()
+    for r in router.routes:
+        if not isinstance(r, APIRoute):
+            continue
+        assert r.path.startswith("/v1/"), r.path
+        out.add_api_route(
+            COLLECTION_PREFIX + r.path.removeprefix("/v1"), r.endpoint, response_model=r.response_model,
+            status_code=r.status_code, tags=[*r.tags, "collections"], dependencies=[*r.dependencies, CollectionPath],
+            summary=r.summary, description=r.description, response_description=r.response_description,
+            responses=r.responses, deprecated=r.deprecated, methods=r.methods, name=r.name,
+            include_in_schema=r.include_in_schema, response_class=r.response_class, openapi_extra=r.openapi_extra)
+    return out
+
+
 def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None,
                index_opener: IndexOpener | None = None) -> FastAPI:
     """Build the lookalike FastAPI app.
 
     Args:
         settings: the configuration; None reads it from ``LOOKALIKE_*`` environment variables.
-        backend_factory: builds the inference backend (called in the inference thread); None
-            loads ``settings.model_dir`` with ``settings.backend``.
-        index_opener: ``(card, writable) -> IndexStore``; None opens ``settings.index_dir``.
+        backend_factory: builds the default model's inference backend (called in the inference
+            thread); None loads ``settings.model_dir`` with ``settings.backend``.
+        index_opener: ``(card, writable) -> IndexStore`` of the default collection; None opens
+            ``settings.index_dir``. Named collections (``settings.collections``) open their own.
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -101,11 +128,18 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
     settings = settings if settings is not None else Settings()
     metrics = ServiceMetrics()
     app = FastAPI(title="lookalike", version=__version__, description=DESCRIPTION, lifespan=lifespan)
-    app.state.lookalike = ServiceState(settings, metrics, backend_factory=backend_factory, index_opener=index_opener)
+    registry = Collections(settings, metrics, backend_factory=backend_factory, index_opener=index_opener)
+    app.state.collections = registry
+    app.state.lookalike = registry.default
     app.state.settings = settings
     app.openapi = lambda: _openapi(app, settings)
     install_error_handlers(app)
-    for r in (search.router, images.router, index.router, health.router, page.router, feedback.router):
+    # The collection resources answer for the default collection under /v1, and for any named
+    # one under /v1/collections/{collection} (deps.get_state picks it from the path).
+    for r in (search.router, images.router, index.router, feedback.router):
+        app.include_router(r)
+        app.include_router(collection_routes(r))
+    for r in (collections.router, health.router, page.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
 

@@ -1,18 +1,30 @@
-"""FastAPI dependencies: the service state, readiness, and the API key for writes."""
+"""FastAPI dependencies: the collection's state, readiness, and the API key for writes."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from service.errors import ApiError
 from service.state import ServiceState
 
 
 def get_state(request: Request) -> ServiceState:
-    return request.app.state.lookalike
+    """The collection the request addresses: ``{collection}`` in its path, else the default
+    (404 ``collection_not_found`` for a name the server does not have)."""
+    return request.app.state.collections.get(request.path_params.get("collection"))
+
+
+def _collection_param(collection: Annotated[str, Path(
+        max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="collection name (`default` is LOOKALIKE_INDEX_DIR)")]) -> None:
+    """Declares ``{collection}`` for the OpenAPI document; :func:`get_state` resolves it."""
+
+
+#: Added to the routes included under ``/v1/collections/{collection}``.
+CollectionPath = Depends(_collection_param)
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]

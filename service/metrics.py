@@ -46,7 +46,13 @@ class ServiceMetrics:
             "lookalike_decode_seconds", "decode + preprocess time per upload", buckets=LATENCY_BUCKETS, registry=r
         )
         self.index_size = Gauge("lookalike_index_size", "vectors in the index", registry=r)
-        self.ready = Gauge("lookalike_ready", "1 when the model and index are loaded and verified", registry=r)
+        self.ready = Gauge("lookalike_ready", "1 when every collection's model and index are loaded and verified",
+                           registry=r)
+        self.collection_ready = Gauge(
+            "lookalike_collection_ready", "1 when the collection's model and index are loaded and verified",
+            ["collection"], registry=r)
+        self.collection_index_size = Gauge(
+            "lookalike_collection_index_size", "vectors in the collection's index", ["collection"], registry=r)
         self.rejected = Counter(
             "lookalike_rejected", "requests refused before any work, by reason", ["reason"], registry=r
         )
@@ -57,11 +63,17 @@ class ServiceMetrics:
         self.latency.labels(method, route, s).observe(seconds)
 
     def bind(self, *, queue_depth: Callable[[], float], pending: Callable[[], float],
-             index_size: Callable[[], float]) -> None:
-        """Read live values at scrape time."""
+             index_size: Callable[[], float], ready: Callable[[], float]) -> None:
+        """Read live values at scrape time (the queue, pending and size of the default collection)."""
         self.queue_depth.set_function(queue_depth)
         self.pending.set_function(pending)
         self.index_size.set_function(index_size)
+        self.ready.set_function(ready)
+
+    def bind_collection(self, name: str, *, ready: Callable[[], float], index_size: Callable[[], float]) -> None:
+        """Read one collection's readiness and index size at scrape time."""
+        self.collection_ready.labels(name).set_function(ready)
+        self.collection_index_size.labels(name).set_function(index_size)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -90,6 +90,22 @@ class Health(BaseModel):
     status: str
 
 
+class CollectionStatus(BaseModel):
+    """One collection: its state, and once loaded what it serves."""
+
+    name: str = Field(description="the name in /v1/collections/{name}/...; 'default' is LOOKALIKE_INDEX_DIR")
+    status: str = Field(description="'ready', 'loading', 'failed' (see the server log) or 'stopping'")
+    model: str = Field(description="fingerprint of the collection's model ('' until loaded)")
+    backend: str = Field(description="inference backend of its model ('' until loaded)")
+    index_size: int = Field(description="vectors in its index (0 until loaded)")
+    generation: int = Field(description="generation of its index (0 until loaded)")
+    writable: bool = Field(description="writes are accepted now (enabled, and its index volume not full)")
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionStatus] = Field(description="every collection served, the default first")
+
+
 class Readiness(BaseModel):
     status: str
     model: str
@@ -99,3 +115,5 @@ class Readiness(BaseModel):
     writable: bool = Field(True, description="writes are accepted now: enabled, and the index volume has "
                                              "at least LOOKALIKE_MIN_FREE_MB free (false while it is full; "
                                              "searches keep working)")
+    collections: list[CollectionStatus] = Field(default_factory=list,
+                                                description="every collection served, the default first")

@@ -112,11 +112,11 @@ def run(settings: Settings) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not getattr(server, "started", False):
-        reason = app.state.lookalike.error or "see the log above"
+        reason = app.state.collections.error or "see the log above"
         raise RuntimeError(f"the service did not start: {reason}")
-    state = app.state.lookalike
-    if state.shutdown_error:
-        log.error("stopped, but the shutdown checkpoint failed: %s", state.shutdown_error)
+    shutdown_error = app.state.collections.shutdown_error
+    if shutdown_error:
+        log.error("stopped, but the shutdown checkpoint failed: %s", shutdown_error)
         return 1
     log.info("stopped cleanly%s", " (SIGTERM)" if stop_signals else "")
     return 0

@@ -7,13 +7,34 @@ missing API key (while writes are enabled) refuses to start with a message namin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+
+#: The collection the single-index routes (``/v1/search``, ``/v1/images``...) serve:
+#: ``LOOKALIKE_INDEX_DIR`` with ``LOOKALIKE_MODEL_DIR``. It is also ``/v1/collections/default/...``.
+DEFAULT_COLLECTION = "default"
+#: What a collection name may look like (it is a URL path segment).
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+class CollectionConfig(BaseModel):
+    """One named collection: an index directory, and the model that embeds its queries.
+
+    In ``LOOKALIKE_COLLECTIONS`` a bare string is the index directory (served with the default
+    model, ``LOOKALIKE_MODEL_DIR``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index_dir: Path = Field(description="index directory made by `lookalike index build`")
+    model_dir: Path | None = Field(None, description="model the index was built with; None = LOOKALIKE_MODEL_DIR")
+    images_root: Path | None = Field(None, description="where this index's images are, if not where it was built")
 
 
 class Settings(BaseSettings):
@@ -26,6 +47,12 @@ class Settings(BaseSettings):
     index_dir: Path | None = Field(None, description="index directory made by `lookalike index build`")
     images_root: Path | None = Field(
         None, description="where the indexed folder's images are, if not where the index was built (e.g. a container mount)"
+    )
+    collections: dict[str, CollectionConfig] = Field(
+        default_factory=dict,
+        description="more named collections beside the default one, served under /v1/collections/{name}/..., as "
+        "JSON: {\"name\": \"INDEX_DIR\"} or {\"name\": {\"index_dir\": ..., \"model_dir\": ..., \"images_root\": ...}}; "
+        "collections with the same model share one loaded copy of it",
     )
     backend: Literal["auto", "torch", "onnx"] = Field(
         "auto",
@@ -101,6 +128,24 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, v):
         return None if isinstance(v, str) and not v.strip() else v
 
+    @field_validator("collections", mode="before")
+    @classmethod
+    def _index_dir_shorthand(cls, v):
+        if isinstance(v, dict):
+            return {name: {"index_dir": c} if isinstance(c, (str, Path)) else c for name, c in v.items()}
+        return v
+
+    @field_validator("collections")
+    @classmethod
+    def _collection_names(cls, v: dict[str, CollectionConfig]) -> dict[str, CollectionConfig]:
+        for name in v:
+            if name == DEFAULT_COLLECTION:
+                raise ValueError(f"collection name {name!r} is reserved for LOOKALIKE_INDEX_DIR; choose another")
+            if not COLLECTION_NAME.fullmatch(name):
+                raise ValueError(f"collection name {name[:80]!r} is not allowed: use 1-64 letters, digits, '_' or '-', "
+                                 "starting with a letter or digit")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.writes_enabled and (self.api_key is None or not self.api_key.get_secret_value().strip()):
@@ -112,6 +157,10 @@ class Settings(BaseSettings):
             raise ValueError("LOOKALIKE_API_KEY must be at least 16 characters")
         if self.default_k > self.max_k:
             raise ValueError(f"default_k={self.default_k} is over max_k={self.max_k}")
+        unmodelled = [name for name, c in self.collections.items() if c.model_dir is None]
+        if unmodelled and self.model_dir is None:
+            raise ValueError(f"collections {unmodelled} name no model_dir and LOOKALIKE_MODEL_DIR is not set: "
+                             "give each a model_dir, or set LOOKALIKE_MODEL_DIR")
         return self
 
     @property

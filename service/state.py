@@ -1,14 +1,16 @@
-"""The service's runtime: model backend, index, worker threads, readiness.
+"""The service's runtime: model backends, indexes, worker threads, readiness.
 
-One :class:`ServiceState` lives on ``app.state.lookalike``; the lifespan starts and stops it.
+One :class:`ServiceState` per collection (an index and the model that embeds its queries; the
+default collection lives on ``app.state.lookalike``), one :class:`ModelRuntime` per distinct
+model, shared by the collections that use it; :mod:`service.collections` starts and stops them.
 Threads, each with a deliberate thread count:
 
 * ``lookalike-infer`` builds and runs the backend (torch / ONNX Runtime intra-op threads =
-  ``inference_threads``), see :mod:`service.batching`;
-* ``lookalike-search`` runs FAISS searches (``search_threads`` OpenMP threads);
-* ``lookalike-decode-*`` (``decode_threads``) decode and preprocess uploads;
-* ``lookalike-write`` (one) applies adds, deletes and checkpoints in order, so each write is
-  durable before its 2xx.
+  ``inference_threads``), see :mod:`service.batching`; one per model;
+* ``lookalike-search`` runs FAISS searches (``search_threads`` OpenMP threads); one per model;
+* ``lookalike-decode-*`` (``decode_threads``) decode and preprocess uploads; one pool per server;
+* ``lookalike-write`` (one per collection) applies adds, deletes and checkpoints in order, so
+  each write is durable before its 2xx.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from pathlib import Path
+
 from models.decode import DecodeLimits
 from service.batching import MicroBatcher, NotRunning, Overloaded, Ticket
 from service.errors import ApiError, insufficient_storage, unavailable
 from service.metrics import ServiceMetrics
-from service.settings import Settings
+from service.settings import DEFAULT_COLLECTION, Settings
 from service.storage import MiB, StorageGuard, is_disk_full
 from service.uploads import decode_to_input
 
@@ -40,8 +44,9 @@ BackendFactory = Callable[[], Any]
 IndexOpener = Callable[[Any, bool], Any]  # (card, writable) -> IndexStore
 
 
-def resolve_backend_name(settings: Settings) -> str:
-    """``torch`` or ``onnx`` for ``settings.backend``. ``auto`` (by measurement, bench_service.py):
+def resolve_backend_name(settings: Settings, model_dir: Path | None = None) -> str:
+    """``torch`` or ``onnx`` for ``settings.backend`` and the model in ``model_dir`` (None =
+    ``settings.model_dir``). ``auto`` (by measurement, bench_service.py):
 
     * torch with bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX): it embeds exactly
       like ``lookalike index build`` (torch, bf16 when supported), its batched forward is the
@@ -60,7 +65,7 @@ def resolve_backend_name(settings: Settings) -> str:
     from models.backends import ONNX_FILE
     from models.io import resolve_model_dir
 
-    has_onnx = (resolve_model_dir(settings.model_dir) / ONNX_FILE).is_file()
+    has_onnx = (resolve_model_dir(model_dir or settings.model_dir) / ONNX_FILE).is_file()
     if importlib.util.find_spec("torch") is None:
         return "onnx"
     from models.backends import bf16_supported
@@ -70,13 +75,15 @@ def resolve_backend_name(settings: Settings) -> str:
     return "onnx" if has_onnx else "torch"
 
 
-def default_backend_factory(settings: Settings) -> BackendFactory:
-    """A factory building the configured backend; it runs inside the inference thread."""
+def default_backend_factory(settings: Settings, model_dir: Path | None = None) -> BackendFactory:
+    """A factory building the configured backend of ``model_dir`` (None = ``settings.model_dir``);
+    it runs inside the inference thread."""
+    model_dir = model_dir or settings.model_dir
 
     def build():
         from models.backends import load_backend
 
-        name = resolve_backend_name(settings)
+        name = resolve_backend_name(settings, model_dir)
         if name == "torch":
             import torch
 
@@ -87,29 +94,62 @@ def default_backend_factory(settings: Settings) -> BackendFactory:
                 torch.set_num_interop_threads(1)
             except RuntimeError:  # already set once in this process
                 pass
-            return load_backend(settings.model_dir, "torch", bf16=settings.bf16)
-        return load_backend(settings.model_dir, "onnx", threads=settings.inference_threads)
+            return load_backend(model_dir, "torch", bf16=settings.bf16)
+        return load_backend(model_dir, "onnx", threads=settings.inference_threads)
 
     return build
 
 
-def default_index_opener(settings: Settings) -> IndexOpener:
+def default_index_opener(index_dir: Path, images_root: Path | None) -> IndexOpener:
     def open_index(card, writable: bool):
         from index import IndexStore
 
-        return IndexStore.open(settings.index_dir, card=card, writable=writable, images_root=settings.images_root)
+        return IndexStore.open(index_dir, card=card, writable=writable, images_root=images_root)
 
     return open_index
 
 
-class ServiceState:
-    """Model backend + index + threads of one app. ``ready`` once loaded and verified."""
+class ModelRuntime:
+    """One model, loaded once and shared by every collection that serves it: the micro-batcher
+    whose inference thread builds and runs the backend, and whose search thread runs FAISS.
+    Admission (``max_pending``) is per model, so collections sharing one share its bound."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics, *,
-                 backend_factory: BackendFactory | None = None, index_opener: IndexOpener | None = None) -> None:
+    def __init__(self, backend_factory: BackendFactory, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.batcher = MicroBatcher(backend_factory, max_batch=settings.max_batch, wait_ms=settings.batch_wait_ms,
+                                    max_pending=settings.max_pending, search_threads=settings.search_threads,
+                                    metrics=metrics)
+        self._loading: asyncio.Future | None = None
+
+    async def load(self) -> Any:
+        """The backend, built by the first caller; later callers wait for the same one."""
+        if self._loading is None:
+            self._loading = asyncio.wrap_future(self.batcher.start())
+        return await asyncio.shield(self._loading)
+
+    def stop(self) -> None:
+        """Stop taking queries, finish the queued ones, join the threads (blocking)."""
+        self.batcher.stop()
+
+
+class ServiceState:
+    """One collection: its index, the shared model runtime embedding its queries, its writer
+    thread. ``ready`` once loaded and verified. The routes use one of these per request.
+
+    Args:
+        runtime: the model's runtime (shared with the other collections of the same model).
+        name: the collection's name (``default`` for ``LOOKALIKE_INDEX_DIR``).
+        index_opener: ``(card, writable) -> IndexStore``; None opens ``index_dir``.
+    """
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics, runtime: ModelRuntime, *,
+                 name: str = DEFAULT_COLLECTION, index_dir: Path | None = None, images_root: Path | None = None,
+                 index_opener: IndexOpener | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._backend_factory = backend_factory
+        self.runtime = runtime
+        self.name = name
+        self.index_dir = index_dir
+        self.images_root = images_root
         self._index_opener = index_opener
         self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
                                    max_side=settings.max_side)
@@ -128,13 +168,7 @@ class ServiceState:
         self.storage: StorageGuard | None = None
         self._checkpoint_failures = 0
         self._checkpoint_not_before = 0.0  # time.monotonic() before which no periodic checkpoint is tried
-        self._load_task: asyncio.Task | None = None
         self._refresh_task: asyncio.Task | None = None
-        metrics.bind(
-            queue_depth=lambda: self.batcher.queue_depth if self.batcher else 0,
-            pending=lambda: self.batcher.pending if self.batcher else 0,
-            index_size=lambda: len(self.store) if self.store is not None else 0,
-        )
 
     @property
     def writable(self) -> bool:
@@ -153,39 +187,20 @@ class ServiceState:
     def fingerprint(self) -> str:
         return self.card.fingerprint if self.card is not None else ""
 
-    # ---- lifecycle --------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Load and verify the model and index (in the background if configured)."""
-        if self.settings.load_in_background:
-            self._load_task = asyncio.create_task(self._load_reporting())
-        else:
-            await self._load()
-
-    async def _load_reporting(self) -> None:
-        try:
-            await self._load()
-        except Exception as exc:  # noqa: BLE001 - reported on /readyz and in the log
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.error("loading failed; the service stays unready: %s", self.error)
-
-    async def _load(self) -> None:
+    # ---- lifecycle (driven by service.collections.Collections) -------------------------------
+    async def load(self) -> None:
+        """Load the model (or wait for the collection that shares it) and the index, verify them
+        together, and become ready. ``decode_pool`` must be set first (the server's pool)."""
         s = self.settings
-        if self._backend_factory is None:
-            if s.model_dir is None:
-                raise RuntimeError("LOOKALIKE_MODEL_DIR is not set: point it at a model or training-run directory")
-            self._backend_factory = default_backend_factory(s)
         if self._index_opener is None:
-            if s.index_dir is None:
+            if self.index_dir is None:
                 raise RuntimeError("LOOKALIKE_INDEX_DIR is not set: point it at an index directory")
-            self._index_opener = default_index_opener(s)
+            self._index_opener = default_index_opener(self.index_dir, self.images_root)
         t0 = time.perf_counter()
-        self.decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="lookalike-decode")
         self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="lookalike-write",
                                              initializer=_limit_faiss_threads, initargs=(1,))
-        self.batcher = MicroBatcher(self._backend_factory, max_batch=s.max_batch, wait_ms=s.batch_wait_ms,
-                                    max_pending=s.max_pending, search_threads=s.search_threads,
-                                    metrics=self.metrics)
-        self.backend = await asyncio.wrap_future(self.batcher.start())
+        self.batcher = self.runtime.batcher
+        self.backend = await self.runtime.load()
         self.card = self.backend.card
         loop = asyncio.get_running_loop()
         self.store = await loop.run_in_executor(self.write_pool, self._index_opener, self.card, self.writable)
@@ -193,22 +208,22 @@ class ServiceState:
             raise RuntimeError(f"index dimension {self.store.dim} != model embedding_dim {self.card.embedding_dim}")
         if self.store.fingerprint != self.card.fingerprint:
             raise RuntimeError("index was built with another model (fingerprints differ)")
-        self.batcher.attach_index(self.store)
-        self.storage = StorageGuard(getattr(self.store, "directory", s.index_dir or "."), int(s.min_free_mb * MiB))
+        if self.batcher.store is None:  # the first collection of this model takes the batched search path
+            self.batcher.attach_index(self.store)
+        self.storage = StorageGuard(getattr(self.store, "directory", self.index_dir or "."), int(s.min_free_mb * MiB))
         # End-to-end self-check: one query through the real pipeline.
         size = self.card.image_size
         with self.batcher.admit() as ticket:
-            vector, hits = await self.batcher.search(ticket, np.zeros((3, size, size), np.float32), 1)
+            vector, hits = await self._search(ticket, np.zeros((3, size, size), np.float32), 1)
         if vector.shape != (self.card.embedding_dim,) or abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
             raise RuntimeError(f"self-check failed: query vector shape {vector.shape}, norm {np.linalg.norm(vector)}")
         if len(self.store) > 0 and not hits:
             raise RuntimeError("self-check failed: a non-empty index returned no hit")
         self.ready = True
-        self.metrics.ready.set(1)
         if not self.writable and s.refresh_interval_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_loop(s.refresh_interval_s))
-        log.info("ready in %.1fs: backend=%s, model=%s…, index size=%d, generation=%d, writable=%s",
-                 time.perf_counter() - t0, self.backend_name, self.fingerprint[:12], len(self.store),
+        log.info("collection %s ready in %.1fs: backend=%s, model=%s…, index size=%d, generation=%d, writable=%s",
+                 self.name, time.perf_counter() - t0, self.backend_name, self.fingerprint[:12], len(self.store),
                  self.store.generation, self.writable)
 
     async def _refresh_loop(self, interval_s: float) -> None:
@@ -228,19 +243,15 @@ class ServiceState:
             if changed:
                 log.info("index refreshed: %s ids changed, size %d", "all" if changed < 0 else changed, len(self.store))
 
-    async def stop(self) -> None:
-        """Stop taking queries, finish in-flight work, checkpoint writes, release the index lock."""
+    def begin_stop(self) -> None:
+        """Stop taking queries (503 from now on) and following other writers."""
         self.ready = False
         self.stopping = True
-        self.metrics.ready.set(0)
         if self._refresh_task is not None:
             self._refresh_task.cancel()
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
-        if self.decode_pool is not None:  # decodes finish (and queue their jobs) before the batcher stops
-            await asyncio.to_thread(self.decode_pool.shutdown, True)
-        if self.batcher is not None:
-            await asyncio.to_thread(self.batcher.stop)
+
+    async def close(self) -> None:
+        """Once no query runs any more: checkpoint writes, release the index lock."""
         if self.store is not None and self.write_pool is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self.write_pool, self._close_store)
@@ -264,7 +275,8 @@ class ServiceState:
             reason = "service is stopping" if self.stopping else "model and index are loading"
             if self.error:
                 reason = "model or index failed to load; see the server log"
-            raise unavailable(f"not ready: {reason}", self.settings.retry_after_s)
+            what = "not ready" if self.name == DEFAULT_COLLECTION else f"collection {self.name!r} not ready"
+            raise unavailable(f"{what}: {reason}", self.settings.retry_after_s)
 
     def admit(self) -> Ticket:
         """Admit one query or answer 503 (overloaded / not running) at once."""
@@ -291,10 +303,21 @@ class ServiceState:
 
         return prepare
 
+    async def _search(self, ticket: Ticket, item, k: int, *, executor=None,
+                      inline: bool = True) -> tuple[np.ndarray, list]:
+        """Embed ``item`` (as :meth:`MicroBatcher.search` takes it) and search this collection's
+        index -> ((D,) float32 unit vector, at most ``k`` hits). The collection whose index the
+        model's batcher holds uses its batched search; the others search in its search thread."""
+        if self.batcher.store is self.store:
+            return await self.batcher.search(ticket, item, k, executor=executor, inline=inline)
+        vector = await self.batcher.embed(ticket, item, executor=executor, inline=inline)
+        (hits,) = await self.search_thread(lambda: self.store.search(vector[None, :], k))
+        return vector, hits
+
     async def search_upload(self, ticket: Ticket, data: bytes, k: int) -> list:
         """Decode, embed and search an uploaded image -> at most ``k`` hits."""
-        _, hits = await self.batcher.search(ticket, self._prepare(data), k, executor=self.decode_pool,
-                                            inline=len(data) <= INLINE_DECODE_MAX_BYTES)
+        _, hits = await self._search(ticket, self._prepare(data), k, executor=self.decode_pool,
+                                     inline=len(data) <= INLINE_DECODE_MAX_BYTES)
         return hits
 
     async def embed_upload(self, ticket: Ticket, data: bytes) -> np.ndarray:

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from service.errors import ApiError
-from service.schemas import ErrorResponse
+from service.schemas import CollectionStatus, ErrorResponse
 from service.settings import Settings
 from service.state import ServiceState
 from service.uploads import parse_k, parse_label
@@ -19,8 +19,12 @@ _ID = "__image_id__"
 
 
 def image_url_prefix(request: Request) -> tuple[str, str]:
-    """(before, after) the id in an image's URL on this service (relative, proxy-prefix aware)."""
-    url = request.scope.get("root_path", "") + request.app.url_path_for("get_image", image_id=_ID)
+    """(before, after) the id in an image's URL on this service (relative, proxy-prefix aware),
+    in the collection the request addresses."""
+    params = {"image_id": _ID}
+    if "collection" in request.path_params:
+        params["collection"] = request.path_params["collection"]
+    url = request.scope.get("root_path", "") + request.app.url_path_for("get_image", **params)
     before, _, after = url.partition(_ID)
     return before, after
 
@@ -102,6 +106,22 @@ def parse_window(settings: Settings, k: str | int | None, offset: str | int | No
     return SearchWindow(k=kk, offset=parse_offset(offset, kk, settings.max_k),
                         label=parse_label_filter("label", label),
                         exclude_label=parse_label_filter("exclude_label", exclude_label))
+
+
+def collection_status(state: ServiceState) -> CollectionStatus:
+    """What ``/readyz`` and ``/v1/collections`` say about one collection."""
+    if state.ready:
+        status = "ready"
+    elif state.stopping:
+        status = "stopping"
+    else:
+        status = "failed" if state.error else "loading"
+    store = state.store
+    return CollectionStatus(name=state.name, status=status, model=state.fingerprint,
+                            backend=state.backend_name if state.backend is not None else "",
+                            index_size=len(store) if store is not None else 0,
+                            generation=store.generation if store is not None else 0,
+                            writable=state.writes_available)
 
 
 def errors(*statuses: int) -> dict:
