@@ -15,7 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(e.g. LOOKALIKE_API_KEY); flags given here override them.",
     )
     p.add_argument("--model", dest="model_dir", help="model or training-run directory (LOOKALIKE_MODEL_DIR)")
-    p.add_argument("--index", dest="index_dir", help="index directory (LOOKALIKE_INDEX_DIR)")
+    p.add_argument("--index", dest="index_dir", help="index directory (LOOKALIKE_INDEX_DIR): the default collection")
+    p.add_argument("--collection", dest="collections", action="append", metavar="NAME=INDEX_DIR",
+                   help="also serve this index as collection NAME under /v1/collections/NAME/... with the same "
+                   "model; repeat for more (replaces LOOKALIKE_COLLECTIONS, whose JSON form can give each its "
+                   "own model_dir)")
     p.add_argument("--host", help="bind address (LOOKALIKE_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (LOOKALIKE_PORT, default 8000)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], help="inference backend (LOOKALIKE_BACKEND)")
@@ -29,6 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def _parse_collections(values: list[str]) -> dict[str, str]:
+    """``["birds=idx/b", ...]`` -> ``{"birds": "idx/b"}`` (names are checked by the settings)."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, index_dir = v.partition("=")
+        if not sep or not name or not index_dir:
+            raise ValueError(f"--collection {v!r}: write NAME=INDEX_DIR, e.g. --collection cars=runs/cars/index")
+        if name in out:
+            raise ValueError(f"--collection {name!r} is given twice")
+        out[name] = index_dir
+    return out
+
+
 def _serve(args: argparse.Namespace) -> int:
     from service.server import load_settings, reexec_clean, run, torch_imported_here
 
@@ -37,6 +54,8 @@ def _serve(args: argparse.Namespace) -> int:
         for name in ("model_dir", "index_dir", "host", "port", "backend", "max_batch", "batch_wait_ms")
         if getattr(args, name) is not None
     }
+    if args.collections:
+        overrides["collections"] = _parse_collections(args.collections)
     if args.read_only:
         overrides["writes_enabled"] = False
     if args.access_log:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -25,6 +26,10 @@ def load_settings(**overrides) -> Settings:
             raise ValueError(f"no {name} directory: pass --{name} or set LOOKALIKE_{name.upper()}_DIR")
         if not value.is_dir():
             raise FileNotFoundError(f"{value}: {name} directory not found")
+    for cname, c in settings.collections.items():
+        for what, value in (("index", c.index_dir), ("model", c.model_dir)):
+            if value is not None and not value.is_dir():
+                raise FileNotFoundError(f"{value}: {what} directory of collection {cname!r} not found")
     return settings
 
 
@@ -44,8 +49,8 @@ def reexec_clean(overrides: dict) -> None:
     main thread never imports torch.
     """
     env = dict(os.environ)
-    for key, value in overrides.items():
-        env[f"LOOKALIKE_{key.upper()}"] = str(value)
+    for key, value in overrides.items():  # dicts (collections) as the JSON the settings parse
+        env[f"LOOKALIKE_{key.upper()}"] = json.dumps(value, default=str) if isinstance(value, dict) else str(value)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "service"], env)

@@ -279,3 +279,19 @@ def test_collections_from_the_environment(monkeypatch, model_dir, tmp_path):
     s = Settings(model_dir=model_dir, writes_enabled=False)
     assert s.collections["birds"].index_dir == tmp_path / "b" and s.collections["birds"].model_dir is None
     assert s.collections["cars"].model_dir == tmp_path / "m"
+
+
+def test_serve_flag_and_start_up_checks(model_dir, template_index, tmp_path):
+    from service.cli import _parse_collections
+    from service.server import load_settings
+
+    assert _parse_collections(["birds=a/b", "cars=/c"]) == {"birds": "a/b", "cars": "/c"}
+    for bad in (["birds"], ["=x"], ["birds="], ["a=x", "a=y"]):
+        with pytest.raises(ValueError, match="--collection"):
+            _parse_collections(bad)
+    s = load_settings(model_dir=model_dir, index_dir=template_index, writes_enabled=False,
+                      collections=_parse_collections([f"birds={template_index}"]))
+    assert s.collections["birds"].index_dir == template_index
+    with pytest.raises(FileNotFoundError, match="collection 'cars'"):
+        load_settings(model_dir=model_dir, index_dir=template_index, writes_enabled=False,
+                      collections={"cars": str(tmp_path / "missing")})
