@@ -1,10 +1,11 @@
-"""lookalike.service: the REST API and search page over a model and an index.
+"""lookalike.service: the REST API and search page over a model and an index (and more named
+collections, each an index with its model).
 
 ``create_app(settings=None) -> FastAPI``; ``Settings`` (env prefix ``LOOKALIKE_``);
 ``lookalike serve`` runs it with uvicorn.
 """
 
 from service.app import create_app
-from service.settings import Settings
+from service.settings import CollectionConfig, Settings
 
-__all__ = ["Settings", "create_app"]
+__all__ = ["CollectionConfig", "Settings", "create_app"]

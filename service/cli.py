@@ -10,8 +10,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve the search API and page over a model and an index",
-        description="Serve the REST API (/v1/search, /v1/images, /v1/index, /healthz, /readyz, /metrics, /docs) "
-        "and the search page (/). Every setting is also read from LOOKALIKE_<NAME> environment variables "
+        description="Serve the REST API (/v1/search, /v1/images, /v1/index, /v1/collections, /healthz, /readyz, "
+        "/metrics, /docs) and the search page (/). Every setting is also read from LOOKALIKE_<NAME> environment variables "
         "(e.g. LOOKALIKE_API_KEY); flags given here override them.",
     )
     p.add_argument("--model", dest="model_dir", help="model or training-run directory (LOOKALIKE_MODEL_DIR)")

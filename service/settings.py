@@ -3,6 +3,9 @@
 Every knob of ``lookalike serve`` lives here: ``LOOKALIKE_MODEL_DIR=runs/x LOOKALIKE_INDEX_DIR=idx
 LOOKALIKE_API_KEY=... lookalike serve``. Values are validated once at start-up; a bad value or a
 missing API key (while writes are enabled) refuses to start with a message naming the setting.
+
+More indexes are served as named collections with ``LOOKALIKE_COLLECTIONS`` (JSON, see
+:class:`CollectionConfig`); ``LOOKALIKE_INDEX_DIR`` is the ``default`` collection.
 """
 
 from __future__ import annotations
