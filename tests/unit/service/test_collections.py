@@ -64,6 +64,22 @@ def multi(make_client, collection_dirs):
         yield c
 
 
+@pytest.fixture(scope="module")
+def ro(model_dir, template_index, other_template, other_model):
+    """A read-only app over the templates (one per module: starting three collections costs)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    s = Settings(model_dir=model_dir, index_dir=template_index, writes_enabled=False, backend="torch", bf16=False,
+                 decode_threads=1, collections={"birds": str(template_index),
+                                                "other": {"index_dir": str(other_template),
+                                                          "model_dir": str(other_model)}})
+    with TestClient(create_app(s)) as c:
+        yield c
+
+
 def _ids(body: dict) -> list[int]:
     return [h["id"] for h in body["results"]]
 
@@ -76,17 +92,17 @@ def _stored(store) -> tuple[np.ndarray, np.ndarray]:
         return MetadataDB.all_vectors(con, store.dim)
 
 
-def test_each_collection_searches_its_own_index_with_its_own_model(multi, images_root, model_dir, other_model):
+def test_each_collection_searches_its_own_index_with_its_own_model(ro, images_root, model_dir, other_model):
     from models import load_card
 
-    registry = multi.app.state.collections
+    registry = ro.app.state.collections
     query = (images_root / "gull" / "002.jpg").read_bytes()
     fingerprints = {"default": load_card(model_dir).fingerprint, "birds": load_card(model_dir).fingerprint,
                     "other": load_card(other_model).fingerprint}
     assert fingerprints["other"] != fingerprints["default"]
     for name, fp in fingerprints.items():
         store = registry.get(name).store
-        r = multi.post(f"/v1/collections/{name}/search", files={"file": ("q.jpg", query, "image/jpeg")},
+        r = ro.post(f"/v1/collections/{name}/search", files={"file": ("q.jpg", query, "image/jpeg")},
                        data={"k": "5"})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -100,26 +116,26 @@ def test_each_collection_searches_its_own_index_with_its_own_model(multi, images
         q = vecs[ids.tolist().index(top["id"])]
         others = ids != top["id"]
         want = ids[others][np.argsort(-(vecs[others] @ q), kind="stable")[:4]].tolist()
-        mean = multi.post(f"/v1/collections/{name}/search/mean", data={"id": str(top["id"]), "k": "4"}).json()
+        mean = ro.post(f"/v1/collections/{name}/search/mean", data={"id": str(top["id"]), "k": "4"}).json()
         assert _ids(mean) == want and mean["model"] == fp
-        info = multi.get(f"/v1/collections/{name}/index").json()
+        info = ro.get(f"/v1/collections/{name}/index").json()
         assert info["model"] == fp and info["size"] == len(store)
-    assert multi.get("/v1/collections/other/index").json()["dim"] == 16
-    assert multi.get("/v1/collections/other/index").json()["size"] == 6
-    assert multi.get("/v1/index").json()["size"] == 12
+    assert ro.get("/v1/collections/other/index").json()["dim"] == 16
+    assert ro.get("/v1/collections/other/index").json()["size"] == 6
+    assert ro.get("/v1/index").json()["size"] == 12
 
 
-def test_default_routes_are_the_default_collection(multi, images_root):
+def test_default_routes_are_the_default_collection(ro, images_root):
     query = (images_root / "crow" / "000.jpg").read_bytes()
-    plain = search(multi, query, k=4).json()
-    named = multi.post("/v1/collections/default/search", files={"file": ("q.jpg", query, "image/jpeg")},
+    plain = search(ro, query, k=4).json()
+    named = ro.post("/v1/collections/default/search", files={"file": ("q.jpg", query, "image/jpeg")},
                        data={"k": "4"}).json()
     assert _ids(plain) == _ids(named) and plain["model"] == named["model"]
     assert all(h["image_url"].startswith("/v1/images/") for h in plain["results"])
-    assert multi.get("/v1/index").json() == multi.get("/v1/collections/default/index").json()
-    assert multi.get("/v1/images/3/similar?k=3").json()["results"] == \
+    assert ro.get("/v1/index").json() == ro.get("/v1/collections/default/index").json()
+    assert ro.get("/v1/images/3/similar?k=3").json()["results"] == \
         [dict(h, image_url=f"/v1/images/{h['id']}") for h in
-         multi.get("/v1/collections/default/images/3/similar?k=3").json()["results"]]
+         ro.get("/v1/collections/default/images/3/similar?k=3").json()["results"]]
 
 
 def test_writes_to_one_collection_are_invisible_in_the_others(multi):
@@ -153,8 +169,8 @@ def test_writes_to_one_collection_are_invisible_in_the_others(multi):
     assert registry.get("default").store.get(victim) is None and registry.get("birds").store.get(victim) is not None
 
 
-def test_a_model_used_by_two_collections_is_loaded_once(multi):
-    registry = multi.app.state.collections
+def test_a_model_used_by_two_collections_is_loaded_once(ro):
+    registry = ro.app.state.collections
     default, birds, other = (registry.get(n) for n in ("default", "birds", "other"))
     assert len(registry.runtimes) == 2
     assert birds.runtime is default.runtime and birds.backend is default.backend
@@ -167,19 +183,19 @@ def test_a_model_used_by_two_collections_is_loaded_once(multi):
     "/v1/collections/nope/images/1/similar", "/v1/collections/-bad/index",
     "/v1/collections/" + "x" * 65 + "/index", "/v1/collections/a%20b/index", "/v1/collections/..%2F..%2Fetc/index",
 ])
-def test_unknown_or_bad_collection_names_get_404_json(multi, path):
+def test_unknown_or_bad_collection_names_get_404_json(ro, path):
     if path.endswith("/search"):
-        r = multi.post(path, files={"file": ("q.jpg", imagegen.jpeg(1), "image/jpeg")})
+        r = ro.post(path, files={"file": ("q.jpg", imagegen.jpeg(1), "image/jpeg")})
     else:
-        r = multi.get(path)
+        r = ro.get(path)
     err = assert_error(r, 404)
     assert err["code"] in ("collection_not_found", "not_found"), err
 
 
-def test_unknown_collection_names_the_served_ones(multi):
-    err = assert_error(multi.get("/v1/collections/nope/index"), 404, "collection_not_found")
+def test_unknown_collection_names_the_served_ones(ro):
+    err = assert_error(ro.get("/v1/collections/nope/index"), 404, "collection_not_found")
     assert "nope" in err["message"] and "birds" in err["message"] and "other" in err["message"]
-    assert_error(multi.post("/v1/collections/nope/images", files={"file": ("a.jpg", imagegen.jpeg(2), "image/jpeg")},
+    assert_error(ro.post("/v1/collections/nope/images", files={"file": ("a.jpg", imagegen.jpeg(2), "image/jpeg")},
                             headers=auth()), 404, "collection_not_found")
 
 
@@ -201,8 +217,8 @@ def test_listing_readiness_and_metrics_per_collection(multi):
     assert re.search(r'route="/v1/collections/\{collection\}/images",status="201"', text)
 
 
-def test_openapi_documents_the_collection_routes(multi):
-    paths = multi.get("/openapi.json").json()["paths"]
+def test_openapi_documents_the_collection_routes(ro):
+    paths = ro.get("/openapi.json").json()["paths"]
     assert {"/v1/search", "/v1/collections/{collection}/search", "/v1/collections/{collection}/images/{image_id}",
             "/v1/collections/{collection}/search/mean", "/v1/collections", "/v1/collections/{collection}"} <= set(paths)
     params = paths["/v1/collections/{collection}/images/{image_id}/similar"]["get"]["parameters"]
