@@ -42,9 +42,14 @@ def _config_from_args(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)  # validated before torch is imported
-    from training.trainer import train
+    from training import distributed
+    from training.trainer import resolve_device, train
 
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    # under torchrun (RANK, WORLD_SIZE, ... set) every process runs this; they join one group
+    with distributed.session(resolve_device(cfg.device)):
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        if not distributed.is_main():
+            return 0
     print(json.dumps(result, indent=2))
     print("\n" + summary_line(result, pretrained=cfg.model.weights is not None))
     return 0

@@ -1,0 +1,131 @@
+"""torchrun training on 2 gloo ranks equals one process on the global batch.
+
+Global mining (:func:`training.distributed.global_batch`): the loss, the miner's tuples (global
+indices) and the parameter gradients of a 2-rank DDP step equal one process on the whole
+batch. A 2-rank run of the trainer (interrupted and resumed) ends with the weights and the
+evaluation of the one-process run. The distributed P×K sampler splits each global batch into
+disjoint per-rank blocks of whole classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.data import PKSampler
+from training.distributed import RankBatches, shard_range
+
+from tests.distributed_helpers import global_batch_step, global_batch_worker, spawn, train_worker
+from tests.helpers import make_image_folder
+
+CASES = [("contrastive", None), ("contrastive", "batch_hard"), ("contrastive", "semi_hard"),
+         ("triplet", "batch_hard"), ("triplet", "semi_hard")]
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed 4×4 P×K batch: rank 0 gets classes 5 and 1, rank 1 classes 9 and 3."""
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(16, 8, generator=g), torch.tensor([5] * 4 + [1] * 4 + [9] * 4 + [3] * 4)
+
+
+def test_two_ranks_mine_and_differentiate_the_global_batch_like_one_process(tmp_path):
+    x, labels = _batch()
+    ranks = spawn(global_batch_worker, tmp_path, x, labels, CASES)
+    for loss, miner in CASES:
+        ref = global_batch_step(x, labels, loss, miner, ddp=False)
+        assert ref["tuples"] is None or len(ref["tuples"][0]) > 0, "the case must select something"
+        for r, out in enumerate(ranks):
+            got = out[f"{loss}/{miner}"]
+            where = f"{loss}/{miner} rank {r}"
+            torch.testing.assert_close(got["emb"], ref["emb"], rtol=0, atol=1e-6, msg=where)
+            torch.testing.assert_close(got["loss"], ref["loss"], rtol=0, atol=1e-6, msg=where)
+            if miner is not None:
+                assert set(zip(*(t.tolist() for t in got["tuples"]))) == \
+                    set(zip(*(t.tolist() for t in ref["tuples"]))), where
+            for k, grad in ref["grads"].items():
+                torch.testing.assert_close(got["grads"][k], grad, rtol=0, atol=1e-6, msg=f"{where} grad {k}")
+    full = np.arange(13 * 3, dtype=np.float32).reshape(13, 3)
+    for out in ranks:  # sharded rows of unequal sizes come back whole, in order, on every rank
+        np.testing.assert_array_equal(out["gathered"], full)
+
+
+def test_rank_batches_split_each_global_batch_into_disjoint_whole_classes():
+    labels = [c for c in range(10) for _ in range(7)]
+    world, p, k = 2, 4, 3
+    base = PKSampler(labels, p, k, batches_per_epoch=6, seed=1)
+    ranks = [RankBatches(PKSampler(labels, p, k, batches_per_epoch=6, seed=1), rank_=r, world=world)
+             for r in range(world)]
+    for epoch in (0, 1):
+        base.set_epoch(epoch)
+        for s in ranks:
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in ranks]
+        assert per_rank == [list(s) for s in ranks], "deterministic for an epoch"
+        for step, whole in enumerate(base):
+            parts = [b[step] for b in per_rank]
+            assert sum(parts, []) == whole, "the ranks' blocks make up the one-process batch"
+            assert not set(parts[0]) & set(parts[1]), "ranks see disjoint images"
+            for part in parts:
+                classes = [labels[i] for i in part]
+                assert len(part) == p // world * k
+                assert all(classes.count(c) == k for c in set(classes)), "K images per class"
+            assert not {labels[i] for i in parts[0]} & {labels[i] for i in parts[1]}, "a class on one rank only"
+        assert len(ranks[0]) == len(base) == 6
+    ranks[0].set_epoch(0)
+    first = list(ranks[0])
+    ranks[0].set_epoch(1)
+    assert list(ranks[0]) != first, "another epoch, another plan"
+    with pytest.raises(ValueError, match="data.p=3 .* multiple of 2"):
+        RankBatches(PKSampler(labels, 3, k), rank_=0, world=2)
+
+
+def test_shard_range_covers_every_row_once():
+    for n in (0, 1, 7, 13):
+        rows = [i for r in range(3) for i in shard_range(n, rank_=r, world=3)]
+        assert rows == list(range(n))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"), n_classes=8, per_class=10, size=36, kind="pattern")
+
+
+def _overrides(data: Path, out: Path) -> dict:
+    # cached trunk features with one view: no random augmentation, so the runs are comparable;
+    # BatchNorm trains in the top stage and the neck (synchronised over the ranks)
+    return {"data.root": str(data), "data.train_classes": None, "data.test_classes": None,
+            "data.test_fraction": 0.25, "data.val_fraction": 0.0, "data.p": 4, "data.k": 4,
+            "data.batches_per_epoch": 3, "data.cached_views": 1, "model.backbone": "resnet18", "model.weights": None,
+            "model.trainable_stages": 1, "model.freeze_bn": False, "model.neck_bn": True, "model.head": "linear",
+            "model.image_size": 32, "model.embedding_dim": 16, "loss.miner": "semi_hard", "loss.aux": "softmax",
+            "epochs": 2, "amp": "none", "budget": None, "eval_every": 1, "threads": 1, "out": str(out)}
+
+
+def test_two_rank_run_interrupted_and_resumed_equals_one_process(tiny_data, tmp_path):
+    from training.config import load_config
+    from training.trainer import train
+
+    one = train(load_config(overrides=_overrides(tiny_data, tmp_path / "one")), progress=False)
+    two = spawn(train_worker, tmp_path / "spawn", _overrides(tiny_data, tmp_path / "two"),
+                [{"stop_after": 1}, {"resume": True}])
+    a = load_file(str(tmp_path / "one/model/model.safetensors"))
+    b = load_file(str(tmp_path / "two/model/model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    assert two[0]["fingerprint"] == two[1]["fingerprint"] and two[0]["processes"] == 2
+    # sharded evaluation gathers to the one-process metrics; rank 0 alone wrote one line per epoch
+    hist_one = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    hist_two = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist_two] == [0, 1, 2]
+    for h1, h2 in zip(hist_one, hist_two):
+        for key in ("test/recall@1", "test/map@r", "test/r_precision"):
+            assert h2[key] == pytest.approx(h1[key], abs=1e-9), (h1["epoch"], key)
+        if h1["epoch"]:
+            assert h2["train/metric_loss"] == pytest.approx(h1["train/metric_loss"], abs=1e-5)
+    assert one["final"] == pytest.approx(two[0]["final"], abs=1e-9)
