@@ -73,6 +73,7 @@ def summary_line(result: dict, *, pretrained: bool) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    _one_process_only("eval")
     import numpy as np
     import torch
 
@@ -131,9 +132,19 @@ class _LazyImages:
         return self.ds.resized(int(i))
 
 
+def _one_process_only(command: str) -> None:
+    """Refuse to run ``command`` once per torchrun process (each would write the same files)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"lookalike {command} runs in one process; run it without torchrun "
+                         "(only `lookalike train` is distributed)")
+
+
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     from training.lr_find import lr_range_test
 
+    _one_process_only("lr-find")
     cfg = _config_from_args(args)
     res = lr_range_test(cfg, lr_min=args.min_lr, lr_max=args.max_lr, steps=args.steps, out_png=args.plot)
     print(json.dumps({k: res[k] for k in ("suggested_lr", "steepest_lr", "min_loss_lr")} | {"plot": args.plot}, indent=2))

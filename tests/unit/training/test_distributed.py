@@ -129,3 +129,53 @@ def test_two_rank_run_interrupted_and_resumed_equals_one_process(tiny_data, tmp_
         if h1["epoch"]:
             assert h2["train/metric_loss"] == pytest.approx(h1["train/metric_loss"], abs=1e-5)
     assert one["final"] == pytest.approx(two[0]["final"], abs=1e-9)
+
+
+def test_lr_find_and_eval_refuse_torchrun(monkeypatch, capsys):
+    from lookalike.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["lr-find", "--steps", "2"]) == 2
+    assert "lr-find runs in one process" in capsys.readouterr().err
+    assert main(["eval", "--model", "nowhere"]) == 2
+    assert "eval runs in one process" in capsys.readouterr().err
+
+
+def test_two_rank_run_with_every_batch_option_of_the_default_recipe(tiny_data, tmp_path):
+    # confusable-class batches, cross-batch memory, a time budget and best-epoch selection on 2 ranks:
+    # every rank ends with the same plan and model
+    over = _overrides(tiny_data, tmp_path / "run") | {
+        "data.sampler": "confusable", "data.confusable_group": 2, "loss.memory_size": 64, "loss.miner": "none",
+        "budget": "2m", "data.val_fraction": 0.25, "select_best": True, "model.freeze_bn": True, "epochs": 2}
+    res = spawn(train_worker, tmp_path / "spawn", over, [{}])
+    assert res[0]["plan"] == res[1]["plan"] and res[0]["steps_run"] == res[1]["steps_run"] > 0
+    assert res[0]["fingerprint"] == res[1]["fingerprint"] and res[0]["epoch_chosen"] == res[1]["epoch_chosen"]
+    hist = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [0, 1, 2] and "train/confused_pairs" in hist[1]
+
+
+@pytest.mark.slow
+def test_torchrun_cli_smoke_writes_one_run_and_resumes(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    over = _overrides(tiny_data, out)
+    flags = [f"--{k}={'null' if v is None else v}" for k, v in over.items() if k != "out"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lookalike",
+           "train", "--no-progress", "--out", str(out), *flags]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count('"fingerprint"') == 1, "rank 0 alone prints the result"
+    assert "distributed: 2 processes (gloo)" in first.stderr
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["state.json", "state.safetensors"]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2], "one line per epoch, by rank 0"
+    weights = load_file(str(out / "model/model.safetensors"))
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed" in again.stderr and (out / "metrics.jsonl").read_text().splitlines() == lines
+    resumed = load_file(str(out / "model/model.safetensors"))
+    for k in weights:
+        torch.testing.assert_close(resumed[k], weights[k], rtol=0, atol=0, msg=k)
