@@ -21,8 +21,8 @@ What is split across ranks, and what is not:
   size before ``backward`` (as pytorch-metric-learning's ``DistributedLossWrapper`` does):
   the averaged gradient is then the one-process gradient of the global batch.
 * **BatchNorm.** Layers that train get batch statistics over the global batch
-  (:func:`sync_batchnorm`): ``torch.nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm`
-  on CPU (torch's refuses CPU tensors). Frozen BatchNorm (``model.freeze_bn``, the default
+  (:func:`sync_batchnorm`, :class:`GlobalBatchNorm`: a synchronised BatchNorm that, unlike
+  torch's ``SyncBatchNorm``, also runs on CPU). Frozen BatchNorm (``model.freeze_bn``, the default
   recipe, and every cached trunk) uses fixed running statistics, identical on all ranks, so
   there is nothing to synchronise.
 * **Evaluation.** Each rank embeds a contiguous shard (:func:`shard_range`) and
@@ -102,8 +102,8 @@ def init_from_env(device: torch.device, *, timeout_s: float = 1800.0) -> bool:
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s),
                             **({"device_id": device} if device.type == "cuda" else {}))
-    if not is_main():  # one copy of each INFO line: the other ranks only warn
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    if not is_main():  # one copy of each line: the ranks take the same decisions; only errors differ
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
     log.info("distributed: %d processes (%s), this is rank %d on %s", world_size(), backend_for(device), rank(),
              device)
     return True
@@ -291,13 +291,38 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+_local_bn = {"on": False}
+
+
+@contextlib.contextmanager
+def local_batchnorm() -> Iterator[None]:
+    """Within the block, :class:`GlobalBatchNorm` layers use this rank's batch statistics only.
+
+    For a forward that every rank runs on the *same* inputs (the relevance-feedback pairs): its
+    local statistics already are the one-process ones, and syncing them would count each image
+    once per rank.
+    """
+    before = _local_bn["on"]
+    _local_bn["on"] = True
+    try:
+        yield
+    finally:
+        _local_bn["on"] = before
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with statistics over the global batch on any device (gloo on CPU included).
+    """Synchronised BatchNorm on any device (gloo on CPU, NCCL on CUDA): statistics over the
+    global batch.
 
     In training mode under a process group, the per-channel mean and variance come from every
-    rank's batch through differentiable all-reduces (two passes: mean, then centred squares),
-    so forward and backward equal one BatchNorm over the concatenated batch. Elsewhere it is
-    the plain BatchNorm. Same parameters and buffers (and state-dict keys) as ``BatchNormNd``.
+    rank's batch through two differentiable all-reduces (sums and count, then centred
+    squares), so forward and backward equal one BatchNorm over the concatenated batch. Outside
+    training, in one process or inside :func:`local_batchnorm`, it is the plain BatchNorm.
+    Same parameters, buffers and state-dict keys as ``BatchNormNd``.
+
+    Why not ``torch.nn.SyncBatchNorm``: it refuses CPU tensors (and DDP refuses it on CPU
+    modules), so a gloo run could not use it, and it cannot be switched off for a forward that
+    every rank runs on the same inputs.
     """
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -305,16 +330,17 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        if not (self.training and is_distributed()):
+        if not (self.training and is_distributed()) or _local_bn["on"]:
             return super().forward(x)
+        self._check_input_dim(x)
         all_reduce = _AllReduceSum.apply
         dims = [0, *range(2, x.dim())]
-        xf = x.float()
-        count = torch.tensor([xf.numel() / xf.shape[1]], dtype=torch.float32, device=x.device)
-        n = all_reduce(count)
-        mean = all_reduce(xf.sum(dims)) / n
         shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.full((1,), xf.numel() / xf.shape[1], dtype=torch.float32, device=x.device)
+        sums = all_reduce(torch.cat([xf.sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:-1] / n
         centred = xf - mean.view(shape)
         var = all_reduce((centred * centred).sum(dims)) / n
         if self.track_running_stats:
@@ -322,8 +348,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.num_batches_tracked.add_(1)
                 m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                unbiased = var.detach() * (n / torch.clamp(n - 1, min=1))
-                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / torch.clamp(n - 1, min=1)), alpha=m)
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
@@ -331,10 +356,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def _to_global(bn: nn.modules.batchnorm._BatchNorm, device: torch.device) -> nn.Module:
-    if device.type == "cuda":
-        new: nn.Module = nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    else:
-        new = GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new = GlobalBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     new.load_state_dict(bn.state_dict())
     new.train(bn.training)
     return new.to(device)
@@ -342,16 +364,15 @@ def _to_global(bn: nn.modules.batchnorm._BatchNorm, device: torch.device) -> nn.
 
 def sync_batchnorm(model: nn.Module, *, device: torch.device, frozen: list[nn.Module] = (),
                    extra_roots: list[nn.Module] = ()) -> int:
-    """Replace every BatchNorm layer of ``model`` that trains by one with global-batch
-    statistics (``nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` on CPU); returns how
-    many were replaced. Layers inside ``frozen`` (fixed statistics) are left alone.
+    """Replace every BatchNorm layer of ``model`` that trains by a :class:`GlobalBatchNorm`
+    (global-batch statistics); returns how many were replaced. Layers inside ``frozen`` (fixed statistics) are left alone.
     ``extra_roots`` are module trees that share layers with ``model`` without being its
     registered children (e.g. the trainable top after ``EmbeddingNet.split``); their references
     are updated too.
     """
     skip = {id(m) for f in frozen for m in f.modules()}
     todo = {id(m): m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, (GlobalBatchNorm, nn.SyncBatchNorm))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)
             and id(m) not in skip}
     new = {i: _to_global(m, device) for i, m in todo.items()}
     parents = {id(m): m for root in (model, *extra_roots) for m in root.modules()}
@@ -379,8 +400,8 @@ def wrap_ddp(model: nn.Module, method: str, aux: nn.Module | None, device: torch
     """``model.<method>`` as the training forward: wrapped in ``DistributedDataParallel`` (with
     ``aux``'s parameters) under a process group, the plain bound method otherwise.
 
-    Buffers are not re-broadcast at each forward: frozen BatchNorm keeps its statistics fixed and
-    synchronised BatchNorm computes the same ones on every rank.
+    Buffers are synchronised once, at wrapping, not at every forward: frozen BatchNorm keeps its
+    statistics fixed and synchronised BatchNorm computes the same ones on every rank.
     """
     if not is_distributed():
         return getattr(model, method)
@@ -393,6 +414,7 @@ def wrap_ddp(model: nn.Module, method: str, aux: nn.Module | None, device: torch
 __all__ = [
     "GlobalBatchNorm", "RankBatches", "all_gather_with_grad", "all_reduce_min", "backend_for", "barrier",
     "broadcast_object", "gather_rows", "gather_sizes", "global_batch", "init_from_env", "is_distributed", "is_main",
+    "local_batchnorm",
     "launched_by_torchrun", "local_device", "loss_scale", "mean_over_ranks", "rank", "session", "shard_range",
     "sync_batchnorm", "teardown", "world_size", "wrap_ddp",
 ]

@@ -770,7 +770,12 @@ def _feedback_loss(cfg: TrainConfig, model: EmbeddingNet, card: ModelCard, *, de
             return autocast_forward(model.forward_raw, torch.stack([ds[int(i)][0] for i in idx]), device=device,
                                     bf16=bf16, channels_last=cfg.channels_last)
 
-    return FeedbackLoss(pairs, embed, per_step=cfg.loss.feedback_pairs, weight=cfg.loss.feedback_weight,
+    def embed_on_every_rank(idx: torch.Tensor) -> torch.Tensor:
+        # every rank draws the same pairs: their BatchNorm statistics are already the global ones
+        with distributed.local_batchnorm():
+            return embed(idx)
+
+    return FeedbackLoss(pairs, embed_on_every_rank, per_step=cfg.loss.feedback_pairs, weight=cfg.loss.feedback_weight,
                         margin=cfg.loss.margin if cfg.loss.distance == "cosine" else 0.5,
                         pos_margin=cfg.loss.pos_margin if cfg.loss.distance == "cosine" else 0.0, seed=cfg.seed)
 

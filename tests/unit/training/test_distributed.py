@@ -179,3 +179,46 @@ def test_torchrun_cli_smoke_writes_one_run_and_resumes(tiny_data, tmp_path):
     resumed = load_file(str(out / "model/model.safetensors"))
     for k in weights:
         torch.testing.assert_close(resumed[k], weights[k], rtol=0, atol=0, msg=k)
+
+
+def test_two_rank_run_with_relevance_feedback_equals_one_process(tmp_path):
+    # the feedback pair loss is the same on every rank: DDP's average keeps its gradient as in one process
+    from index import IndexStore
+    from index.feedback import add_feedback, read_feedback
+    from lookalike.cli import main
+    from training.config import load_config
+    from training.feedback import set_feedback_reader
+    from training.trainer import train
+
+    data = make_image_folder(tmp_path / "data", n_classes=8, per_class=6, size=40, kind="pattern")
+    assert main(["export", "--pretrained", "efficientnet_lite0", "--image-size", "32", "--out", str(tmp_path / "zs")]) == 0
+    assert main(["index", "build", "--model", str(tmp_path / "zs"), "--images", str(data), "--out",
+                 str(tmp_path / "idx"), "--labels-from-folders", "--no-progress", "--workers", "0"]) == 0
+    store = IndexStore.open(tmp_path / "idx", writable=True)
+    try:
+        by_label: dict[str, list[int]] = {}
+        for rec in store.db.get_many(range(1, 49)).values():
+            by_label.setdefault(rec.label, []).append(rec.id)
+        add_feedback(store, verdict="wrong", result_id=by_label["class_01"][0], query_id=by_label["class_00"][0])
+        add_feedback(store, verdict="right", result_id=by_label["class_00"][1], query_id=by_label["class_00"][0])
+    finally:
+        store.close()
+
+    def over(out: Path) -> dict:
+        return _overrides(data, out) | {"data.feedback": str(tmp_path / "idx"), "loss.miner": "none", "epochs": 1}
+
+    set_feedback_reader(read_feedback)  # what the lookalike command wires in; the forked ranks inherit it
+    try:
+        train(load_config(overrides=over(tmp_path / "one")), progress=False)
+        spawn(train_worker, tmp_path / "spawn", over(tmp_path / "two"), [{}])
+    finally:
+        set_feedback_reader(None)
+    hist = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert any(h["train/extra_loss"] > 0 for h in hist[1:])
+    one = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    assert hist[1]["train/extra_loss"] == pytest.approx(one[1]["train/extra_loss"], rel=1e-5)
+    assert hist[1]["test/map@r"] == pytest.approx(one[1]["test/map@r"], abs=1e-9)
+    a = load_file(str(tmp_path / "one/model/model.safetensors"))
+    b = load_file(str(tmp_path / "two/model/model.safetensors"))
+    for k in a:  # Adam turns float-level differences of near-zero gradients into steps of up to lr
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
