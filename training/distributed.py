@@ -28,6 +28,10 @@ What is split across ranks, and what is not:
 * **Evaluation.** Each rank embeds a contiguous shard (:func:`shard_range`) and
   :func:`gather_rows` assembles the full embedding on every rank, so every rank computes the
   same metrics and takes the same decisions (best epoch, time budget).
+* **Not split.** Cached trunk features are computed by every rank (the same seeded views);
+  the relevance-feedback pairs are the same on every rank (their BatchNorm statistics stay
+  local, :func:`local_batchnorm`, and DDP's average keeps their gradient); the time budget is
+  planned on rank 0's clock and broadcast.
 * **Files.** Only rank 0 (:func:`is_main`) writes the run directory; multi-machine runs need
   ``--out`` on a filesystem every node sees, so that ``--resume`` finds the checkpoint.
 """

@@ -21,7 +21,7 @@ from training.data import PKSampler
 from training.distributed import RankBatches, shard_range
 
 from tests.distributed_helpers import global_batch_step, global_batch_worker, spawn, train_worker
-from tests.helpers import make_image_folder
+from tests.helpers import make_feedback_index, make_image_folder
 
 CASES = [("contrastive", None), ("contrastive", "batch_hard"), ("contrastive", "semi_hard"),
          ("triplet", "batch_hard"), ("triplet", "semi_hard")]
@@ -183,26 +183,13 @@ def test_torchrun_cli_smoke_writes_one_run_and_resumes(tiny_data, tmp_path):
 
 def test_two_rank_run_with_relevance_feedback_equals_one_process(tmp_path):
     # the feedback pair loss is the same on every rank: DDP's average keeps its gradient as in one process
-    from index import IndexStore
-    from index.feedback import add_feedback, read_feedback
-    from lookalike.cli import main
+    from index.feedback import read_feedback
     from training.config import load_config
     from training.feedback import set_feedback_reader
     from training.trainer import train
 
     data = make_image_folder(tmp_path / "data", n_classes=8, per_class=6, size=40, kind="pattern")
-    assert main(["export", "--pretrained", "efficientnet_lite0", "--image-size", "32", "--out", str(tmp_path / "zs")]) == 0
-    assert main(["index", "build", "--model", str(tmp_path / "zs"), "--images", str(data), "--out",
-                 str(tmp_path / "idx"), "--labels-from-folders", "--no-progress", "--workers", "0"]) == 0
-    store = IndexStore.open(tmp_path / "idx", writable=True)
-    try:
-        by_label: dict[str, list[int]] = {}
-        for rec in store.db.get_many(range(1, 49)).values():
-            by_label.setdefault(rec.label, []).append(rec.id)
-        add_feedback(store, verdict="wrong", result_id=by_label["class_01"][0], query_id=by_label["class_00"][0])
-        add_feedback(store, verdict="right", result_id=by_label["class_00"][1], query_id=by_label["class_00"][0])
-    finally:
-        store.close()
+    make_feedback_index(tmp_path, data)
 
     def over(out: Path) -> dict:
         return _overrides(data, out) | {"data.feedback": str(tmp_path / "idx"), "loss.miner": "none", "epochs": 1}
