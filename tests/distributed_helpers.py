@@ -67,6 +67,32 @@ def global_batch_step(x: torch.Tensor, labels: torch.Tensor, loss_name: str, min
             "grads": {k: p.grad.clone() for k, p in net.named_parameters()}, "emb": emb_all.detach()}
 
 
+def batchnorm_step(x: torch.Tensor, *, ddp: bool) -> dict[str, Any]:
+    """A BatchNorm1d(8) training step on ``x`` (this rank's rows): its output over the global
+    batch, the gradients of a loss on that output, and the running statistics. With ``ddp`` the
+    layer is a GlobalBatchNorm (as :func:`training.distributed.sync_batchnorm` makes it)."""
+    from training import distributed
+
+    torch.manual_seed(1)
+    bn = torch.nn.BatchNorm1d(8)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    net = torch.nn.Sequential(bn)
+    if ddp:
+        distributed.sync_batchnorm(net, device=torch.device("cpu"))
+    y, _ = distributed.global_batch(net(x), torch.zeros(len(x)))
+    loss = (y ** 3 * torch.arange(1.0, 9.0)).sum() / len(y)
+    (loss * distributed.loss_scale()).backward()
+    grads = {k: p.grad.clone() for k, p in net.named_parameters()}
+    if ddp:  # what DDP does with the gradients: the mean over ranks
+        for g in grads.values():
+            torch.distributed.all_reduce(g)
+            g /= distributed.world_size()
+    return {"y": y.detach(), "grads": grads, "running_mean": net[0].running_mean.clone(),
+            "running_var": net[0].running_var.clone(), "type": type(net[0]).__name__}
+
+
 def global_batch_worker(rank: int, world: int, tmp: Path, x: torch.Tensor, labels: torch.Tensor,
                         cases: list[tuple[str, str | None]]) -> dict[str, Any]:
     """Each case of :func:`global_batch_step` on this rank's contiguous rows of the batch, plus
@@ -78,6 +104,7 @@ def global_batch_worker(rank: int, world: int, tmp: Path, x: torch.Tensor, label
     rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
     out: dict[str, Any] = {f"{loss}/{miner}": global_batch_step(x[rows], labels[rows], loss, miner, ddp=True)
                            for loss, miner in cases}
+    out["batchnorm"] = batchnorm_step(x[rows], ddp=True)
     n = 13  # not a multiple of the world: shards of unequal size
     full = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
     shard = distributed.shard_range(n)

@@ -187,12 +187,10 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
 
 def global_batch(emb: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """This rank's (n, D) float32 embeddings and (n,) int64 labels -> the global batch,
-    (world·n, D) and (world·n,), in rank order; gradient kept for the local rows."""
+    (world·n, D) and (world·n,), in rank order; gradient kept for the local rows. Every rank
+    must hold the same n (:class:`RankBatches` gives each P/world whole classes)."""
     if not is_distributed():
         return emb, labels
-    if len({*gather_sizes(emb.shape[0])}) != 1:
-        raise RuntimeError(f"ranks hold different batch sizes {gather_sizes(emb.shape[0])}; the global batch "
-                           "needs equal ones (data.p divisible by the number of processes)")
     return all_gather_with_grad(emb), all_gather_with_grad(labels)
 
 
@@ -201,16 +199,6 @@ def loss_scale() -> float:
     ranks' gradients, each rank's backward only reaches its own rows, so the world size
     makes the average equal to the one-process gradient."""
     return float(world_size())
-
-
-def gather_sizes(n: int) -> list[int]:
-    """Every rank's ``n``, in rank order."""
-    if not is_distributed():
-        return [n]
-    t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
-    out = [torch.zeros_like(t) for _ in range(world_size())]
-    dist.all_gather(out, t)
-    return [int(x.item()) for x in out]
 
 
 # ----------------------------------------------------------------------------- sharded evaluation
@@ -417,7 +405,7 @@ def wrap_ddp(model: nn.Module, method: str, aux: nn.Module | None, device: torch
 
 __all__ = [
     "GlobalBatchNorm", "RankBatches", "all_gather_with_grad", "all_reduce_min", "backend_for", "barrier",
-    "broadcast_object", "gather_rows", "gather_sizes", "global_batch", "init_from_env", "is_distributed", "is_main",
+    "broadcast_object", "gather_rows", "global_batch", "init_from_env", "is_distributed", "is_main",
     "local_batchnorm",
     "launched_by_torchrun", "local_device", "loss_scale", "mean_over_ranks", "rank", "session", "shard_range",
     "sync_batchnorm", "teardown", "world_size", "wrap_ddp",

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from training.data import PKSampler
 from training.distributed import RankBatches, shard_range
 
-from tests.distributed_helpers import global_batch_step, global_batch_worker, spawn, train_worker
+from tests.distributed_helpers import batchnorm_step, global_batch_step, global_batch_worker, spawn, train_worker
 from tests.helpers import make_feedback_index, make_image_folder
 
 CASES = [("contrastive", None), ("contrastive", "batch_hard"), ("contrastive", "semi_hard"),
@@ -49,6 +49,14 @@ def test_two_ranks_mine_and_differentiate_the_global_batch_like_one_process(tmp_
                     set(zip(*(t.tolist() for t in ref["tuples"]))), where
             for k, grad in ref["grads"].items():
                 torch.testing.assert_close(got["grads"][k], grad, rtol=0, atol=1e-6, msg=f"{where} grad {k}")
+    bn = batchnorm_step(x, ddp=False)
+    for r, out in enumerate(ranks):  # synchronised BatchNorm: one BatchNorm over the global batch
+        got = out["batchnorm"]
+        assert got["type"] == "GlobalBatchNorm"
+        for key in ("y", "running_mean", "running_var"):
+            torch.testing.assert_close(got[key], bn[key], rtol=0, atol=1e-5, msg=f"rank {r} {key}")
+        for k, grad in bn["grads"].items():
+            torch.testing.assert_close(got["grads"][k], grad, rtol=1e-5, atol=1e-5, msg=f"rank {r} grad {k}")
     full = np.arange(13 * 3, dtype=np.float32).reshape(13, 3)
     for out in ranks:  # sharded rows of unequal sizes come back whole, in order, on every rank
         np.testing.assert_array_equal(out["gathered"], full)
