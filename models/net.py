@@ -83,6 +83,11 @@ class EmbeddingNet(nn.Module):
         """The frozen trunk after :meth:`split`, else None."""
         return self._parts[0] if self._parts else None
 
+    @property
+    def top(self) -> nn.Module | None:
+        """The trainable top of the backbone after :meth:`split`, else None."""
+        return self._parts[1] if self._parts else None
+
     def train(self, mode: bool = True) -> "EmbeddingNet":
         super().train(mode)
         if self._parts is not None:

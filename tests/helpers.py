@@ -50,3 +50,27 @@ def save_seeded_model(directory: Path, *, embedding_dim: int = 32, image_size: i
     card = ModelCard(backbone="resnet18", embedding_dim=embedding_dim, image_size=image_size, resize_size=resize_size)
     save_model(EmbeddingNet(card), directory)
     return Path(directory)
+
+
+def make_feedback_index(tmp_path: Path, data: Path) -> Path:
+    """A zero-shot efficientnet_lite0 (32 px) index of ``data`` (``--labels-from-folders``) in
+    ``tmp_path/idx`` with two marks on a class_00 query: a class_01 result wrong, a class_00
+    result right. Returns the index directory."""
+    from index import IndexStore
+    from index.feedback import add_feedback
+    from lookalike.cli import main
+
+    assert main(["export", "--pretrained", "efficientnet_lite0", "--image-size", "32", "--out", str(tmp_path / "zs")]) == 0
+    assert main(["index", "build", "--model", str(tmp_path / "zs"), "--images", str(data), "--out",
+                 str(tmp_path / "idx"), "--labels-from-folders", "--no-progress", "--workers", "0"]) == 0
+    store = IndexStore.open(tmp_path / "idx", writable=True)
+    try:
+        by_label: dict[str, list[int]] = {}
+        for rec in store.db.get_many(range(1, len(store) + 1)).values():
+            by_label.setdefault(rec.label, []).append(rec.id)
+        a, b = by_label["class_00"], by_label["class_01"]
+        add_feedback(store, verdict="wrong", result_id=b[0], query_id=a[0])
+        add_feedback(store, verdict="right", result_id=a[1], query_id=a[0])
+    finally:
+        store.close()
+    return tmp_path / "idx"

@@ -42,9 +42,14 @@ def _config_from_args(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)  # validated before torch is imported
-    from training.trainer import train
+    from training import distributed
+    from training.trainer import resolve_device, train
 
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    # under torchrun (RANK, WORLD_SIZE, ... set) every process runs this; they join one group
+    with distributed.session(resolve_device(cfg.device)):
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        if not distributed.is_main():
+            return 0
     print(json.dumps(result, indent=2))
     print("\n" + summary_line(result, pretrained=cfg.model.weights is not None))
     return 0
@@ -68,6 +73,7 @@ def summary_line(result: dict, *, pretrained: bool) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    _one_process_only("eval")
     import numpy as np
     import torch
 
@@ -126,9 +132,19 @@ class _LazyImages:
         return self.ds.resized(int(i))
 
 
+def _one_process_only(command: str) -> None:
+    """Refuse to run ``command`` once per torchrun process (each would write the same files)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"lookalike {command} runs in one process; run it without torchrun "
+                         "(only `lookalike train` is distributed)")
+
+
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     from training.lr_find import lr_range_test
 
+    _one_process_only("lr-find")
     cfg = _config_from_args(args)
     res = lr_range_test(cfg, lr_min=args.min_lr, lr_max=args.max_lr, steps=args.steps, out_png=args.plot)
     print(json.dumps({k: res[k] for k in ("suggested_lr", "steepest_lr", "min_loss_lr")} | {"plot": args.plot}, indent=2))

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from models.backends import bf16_supported, cpu_info
 from models.card import ModelCard
 from models.io import save_model
 from models.net import EmbeddingNet
+from training import distributed
 from training.budget import plan_steps
 from training.checkpoint import load_checkpoint, restore, save_checkpoint
 from training.config import TrainConfig, dump_config
@@ -226,12 +227,14 @@ def train_one_epoch(model: EmbeddingNet, loader, *, loss_fn: nn.Module, miner, a
         labels = labels.to(device)
         raw = autocast_forward(forward, images, device=device, bf16=bf16, channels_last=channels_last).float()
         emb = F.normalize(raw, dim=1)
-        tuples = miner(emb, labels) if miner is not None else None
-        metric_loss = loss_fn(emb, labels, tuples)
-        loss = metric_loss
+        # under torchrun, miners and losses see the global batch (this rank's rows keep their gradient)
+        emb_all, labels_all = distributed.global_batch(emb, labels)
+        tuples = miner(emb_all, labels_all) if miner is not None else None
+        metric_loss = loss_fn(emb_all, labels_all, tuples)
+        loss = metric_loss * distributed.loss_scale()  # DDP averages: x world size = one-process gradient
         aux_loss = torch.zeros((), device=device)
         if aux is not None:
-            aux_loss = aux(emb, labels)
+            aux_loss = aux(emb, labels)  # a mean over this rank's rows; DDP's average makes it the global mean
             loss = loss + aux_weight * aux_loss
         if extra_loss is not None:
             extra = extra_loss()
@@ -246,8 +249,9 @@ def train_one_epoch(model: EmbeddingNet, loader, *, loss_fn: nn.Module, miner, a
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        monitor.update(emb, raw, getattr(loss_fn, "stats", {}).get("active_fraction", float("nan")))
-        totals["loss"] += float(loss.detach())
+        monitor.update(emb_all, raw, getattr(loss_fn, "stats", {}).get("active_fraction", float("nan")))
+        totals["loss"] += float(metric_loss.detach()) + aux_weight * float(aux_loss.detach()) + (
+            float(extra.detach()) if extra_loss is not None else 0.0)
         totals["metric_loss"] += float(metric_loss.detach())
         totals["aux_loss"] += float(aux_loss.detach())
         n_steps += 1
@@ -260,8 +264,9 @@ def train_one_epoch(model: EmbeddingNet, loader, *, loss_fn: nn.Module, miner, a
     elapsed = time.perf_counter() - t0
     out = {k: v / max(1, n_steps) for k, v in totals.items()}
     out.update(monitor.summary())
+    out = distributed.mean_over_ranks(out)  # the aux loss and embedding norm are per rank
     out["steps"] = n_steps
-    out["images_per_s"] = n_images / elapsed if elapsed > 0 else float("nan")
+    out["images_per_s"] = n_images * distributed.world_size() / elapsed if elapsed > 0 else float("nan")
     out["epoch_seconds"] = elapsed
     out["lr"] = optimizer.param_groups[0]["lr"]
     return out
@@ -441,19 +446,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         cfg = saved
     elif (run / "metrics.jsonl").exists():
         raise FileExistsError(f"{run}: run directory already has a run; use --resume or another --out")
+    distributed.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+    main = distributed.is_main()  # only rank 0 writes files
     budget = cfg.budget_seconds()
-    run.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run / "config.yaml")
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run / "config.yaml")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     bf16 = use_bf16(cfg.amp, device)
+    progress = progress and main
 
     splits = splits_from_config(cfg)
-    (run / "splits").mkdir(exist_ok=True)
-    for name, split in splits.items():  # the class split, for indexing/evaluating exactly the held-out classes
-        (run / "splits" / f"{name}_classes.txt").write_text("\n".join(split.classes) + "\n")
+    if main:
+        (run / "splits").mkdir(exist_ok=True)
+        for name, split in splits.items():  # the class split, for indexing/evaluating exactly the held-out classes
+            (run / "splits" / f"{name}_classes.txt").write_text("\n".join(split.classes) + "\n")
     card = card_from_config(cfg)
     cached = cfg.model.trainable_stages >= 0
     n_all = sum(len(s) for s in splits.values())
@@ -483,6 +493,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     else:
         sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
                             batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
+    if distributed.is_distributed():  # each rank takes its P/world classes of the global batch
+        sampler = distributed.RankBatches(sampler)
     if cached:
         views = views_that_fit(model, card, splits, device, max_views=cfg.data.cached_views,
                                budget_mb=cfg.data.cache_budget_mb)
@@ -493,26 +505,35 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         caches = {"train": build_cache(model.trunk, base, train_view=aug, views=views, device=device,
                                        bf16=bf16, channels_last=cfg.channels_last, seed=cfg.seed,
                                        deadline=views_deadline, progress=progress, name="train")}
+        # a deadline may cut the views short on one rank: all keep the fewest, so the streams agree
+        views = distributed.all_reduce_min(caches["train"].views)
+        caches["train"].feats = caches["train"].feats[:views]
         for name in eval_names:
             caches[name] = build_cache(model.trunk, ImageDataset(splits[name], card, train=False), device=device,
                                        bf16=bf16, channels_last=cfg.channels_last, progress=progress, name=name)
         del base, aug  # the decoded images are not needed once their trunk outputs are cached
-        loader = CachedBatches(caches["train"], sampler, cfg.seed)
-        forward = model.forward_top_raw
+        loader = CachedBatches(caches["train"], sampler, cfg.seed + 7919 * distributed.rank())
+        forward_name = "forward_top_raw"
 
-        def embed(name: str) -> np.ndarray:
-            return embed_cached(model, caches[name].feats[0], device=device, bf16=bf16,
-                                channels_last=cfg.channels_last)
+        def embed(name: str) -> np.ndarray:  # each rank embeds its shard; all get the whole
+            n = caches[name].feats.shape[1]
+            shard = distributed.shard_range(n)
+            return distributed.gather_rows(
+                embed_cached(model, caches[name].feats[0, shard.start:shard.stop], device=device, bf16=bf16,
+                             channels_last=cfg.channels_last), n)
     else:
         train_ds = train_dataset(cfg, splits["train"], card, cache=in_ram)
         eval_sets = {name: ImageDataset(splits[name], card, train=False, cache=in_ram) for name in eval_names}
         workers = 0 if in_ram else cfg.data.workers
         loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
-        forward = None
+        forward_name = "forward_raw"
 
-        def embed(name: str) -> np.ndarray:
+        def embed(name: str) -> np.ndarray:  # each rank embeds its shard; all get the whole
             ds = eval_sets[name] if name in eval_sets else train_ds.view(train=False)
-            return embed_dataset(model, ds, device=device, bf16=bf16, channels_last=cfg.channels_last)
+            shard = distributed.shard_range(len(ds))
+            return distributed.gather_rows(
+                embed_dataset(model, Subset(ds, shard) if distributed.is_distributed() else ds, device=device,
+                              bf16=bf16, channels_last=cfg.channels_last), len(ds))
 
     eval_seconds: dict[str, float] = {}
 
@@ -546,6 +567,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     miner = injected_miner if injected_miner is not None else build_miner(
         None if cfg.loss.miner == "none" else cfg.loss.miner, **miner_kwargs)
 
+    forward = _distributed_forward(model, aux, forward_name, cfg, device)
     optimizer = build_optimizer(cfg.optim.name, _param_groups(model, aux, cfg), lr=cfg.optim.lr,
                                 weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     steps_per_epoch = len(sampler)
@@ -568,13 +590,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 "state": {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None}
         log.info("resumed %s at epoch %d", run, start_epoch + 1)
         # the metrics file mirrors the checkpoint: drop epochs that ran after it
-        (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        if main:
+            (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
     select = cfg.select_best and "val" in splits
     if start_epoch == 0 and not resume:
         rec = {"epoch": 0, **metrics_of(eval_names)}
         history.append(rec)
-        _log_jsonl(run / "metrics.jsonl", rec)
+        if main:
+            _log_jsonl(run / "metrics.jsonl", rec)
         log.info("epoch 0 (%s): %s", "zero-shot" if cfg.model.weights else "untrained", _fmt(rec))
         if select:
             best = {"epoch": 0, "score": _score(rec), "state": _snapshot(model)}
@@ -599,6 +623,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         p = plan_steps(budget_s=budget, spent_s=time.perf_counter() - t_start, step_s=step_s, eval_s=per_epoch_eval,
                        reserve_s=test_cost + 2.0, steps_per_epoch=steps_per_epoch,
                        max_epochs=cfg.epochs, done_steps=scheduler.last_epoch, min_steps=probe)
+        p = distributed.broadcast_object(p)  # rank 0's clock decides, so every rank runs the same steps
         schedule.total_steps = p.total_steps
         schedule.warmup_steps = min(schedule.warmup_steps, p.total_steps // 10)
         planned["done"], planned["plan"] = True, p.as_dict()
@@ -610,7 +635,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     while epoch < end_epoch and scheduler.last_epoch < total_steps():
         t_epoch = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation stream reproducible across resume
+        # augmentation stream reproducible across resume, its own on each rank
+        torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * distributed.rank())
         sampler.set_epoch(epoch)
         confused = _refresh_confusable(sampler, embed, splits["train"], cfg, eval_seconds)
         monitor = CollapseMonitor(cfg.collapse_cosine)
@@ -640,17 +666,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         if select and "val/recall@1" in rec and (best["score"] is None or _score(rec) > best["score"]):
             best = {"epoch": epoch + 1, "score": _score(rec), "state": _snapshot(model)}
         history.append(rec)
-        _log_jsonl(run / "metrics.jsonl", rec)
-        save_checkpoint(ckpt_dir, model=model, aux=aux, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                        config=cfg.model_dump(mode="json"), history=history,
-                        extra={"plan": planned.get("plan", plan),
-                               "best": {"epoch": best["epoch"], "score": best["score"]}},
-                        extra_tensors={f"best.{k}": v for k, v in (best["state"] or {}).items()})
+        if main:
+            _log_jsonl(run / "metrics.jsonl", rec)
+            save_checkpoint(ckpt_dir, model=model, aux=aux, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                            config=cfg.model_dump(mode="json"), history=history,
+                            extra={"plan": planned.get("plan", plan),
+                                   "best": {"epoch": best["epoch"], "score": best["score"]}},
+                            extra_tensors={f"best.{k}": v for k, v in (best["state"] or {}).items()})
         log.info("epoch %d (step %d/%d) %s", epoch + 1, scheduler.last_epoch, total_steps(), _fmt(rec))
         if budget and planned.get("plan") and stats["steps"]:
             _replan_if_late(schedule, scheduler.last_epoch, budget=budget, t_start=t_start,
                             epoch_seconds=time.perf_counter() - t_epoch, steps=stats["steps"],
                             reserve_s=eval_seconds.get("test", 0.0) + 2.0)
+            schedule.total_steps = distributed.broadcast_object(schedule.total_steps)
         epoch += 1
     finished = not (epoch < cfg.epochs and scheduler.last_epoch < total_steps())
     if budget:
@@ -672,12 +700,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         else:
             log.info("keeping epoch %d, the best on validation classes (val R@1 %.1f)", chosen, 100 * best["score"][0])
     model = model.to(memory_format=torch.contiguous_format).cpu()
-    saved_card = save_model(model, run / "model")
+    if main:
+        saved_card = save_model(model, run / "model")
+    fingerprint = distributed.broadcast_object(saved_card.fingerprint if main else None)
     start = history[0] if history and history[0]["epoch"] == 0 else {}
     result = {
         "run": str(run),
         "model": str(run / "model"),
-        "fingerprint": saved_card.fingerprint,
+        "fingerprint": fingerprint,
         "train_seconds": time.perf_counter() - t_run,
         "total_seconds": time.perf_counter() - t_start,
         "finished": finished,
@@ -687,12 +717,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         "steps_run": scheduler.last_epoch,
         "steps_scheduled": total_steps(),
         "cpu": cpu_info() if device.type == "cpu" else {"device": str(device)},
+        "processes": distributed.world_size(),
         "bf16": bf16,
         "untrained": {k: v for k, v in start.items() if k != "epoch"},
         "final": {k: v for k, v in final.items() if k.startswith(("test/", "val/"))},
     }
-    (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    if main:
+        (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    distributed.barrier()  # the run directory is complete before any rank returns
     return result
+
+
+def _distributed_forward(model: EmbeddingNet, aux: nn.Module | None, method: str, cfg: TrainConfig,
+                         device: torch.device):
+    """The training forward ``model.<method>``: under torchrun, BatchNorm layers that train are
+    synchronised and the forward is wrapped in DistributedDataParallel; else the plain method.
+
+    BatchNorm under ``model.freeze_bn`` (the default recipe) and in a cached trunk keeps fixed
+    running statistics, identical on every rank: there is nothing to synchronise, so those
+    layers stay as they are (and no collective runs for them).
+    """
+    if not distributed.is_distributed():
+        return getattr(model, method)
+    frozen = [model.backbone] if cfg.model.freeze_bn else ([model.trunk] if model.trunk is not None else [])
+    top = [model.top] if model.top is not None else []
+    n = distributed.sync_batchnorm(model, device=device, frozen=frozen, extra_roots=top)
+    log.info("distributed: %d processes; %d BatchNorm layers synchronised over the global batch%s",
+             distributed.world_size(), n, " (backbone BatchNorm frozen: model.freeze_bn)" if cfg.model.freeze_bn else "")
+    return distributed.wrap_ddp(model, method, aux, device)
 
 
 def _feedback_loss(cfg: TrainConfig, model: EmbeddingNet, card: ModelCard, *, device: torch.device, bf16: bool,
@@ -718,7 +770,12 @@ def _feedback_loss(cfg: TrainConfig, model: EmbeddingNet, card: ModelCard, *, de
             return autocast_forward(model.forward_raw, torch.stack([ds[int(i)][0] for i in idx]), device=device,
                                     bf16=bf16, channels_last=cfg.channels_last)
 
-    return FeedbackLoss(pairs, embed, per_step=cfg.loss.feedback_pairs, weight=cfg.loss.feedback_weight,
+    def embed_on_every_rank(idx: torch.Tensor) -> torch.Tensor:
+        # every rank draws the same pairs: their BatchNorm statistics are already the global ones
+        with distributed.local_batchnorm():
+            return embed(idx)
+
+    return FeedbackLoss(pairs, embed_on_every_rank, per_step=cfg.loss.feedback_pairs, weight=cfg.loss.feedback_weight,
                         margin=cfg.loss.margin if cfg.loss.distance == "cosine" else 0.5,
                         pos_margin=cfg.loss.pos_margin if cfg.loss.distance == "cosine" else 0.0, seed=cfg.seed)
 

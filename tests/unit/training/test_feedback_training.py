@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from training.feedback import FeedbackLoss, FeedbackPairs, still_wrong
 
-from tests.helpers import make_image_folder
+from tests.helpers import make_feedback_index, make_image_folder
 
 
 def _pairs() -> FeedbackPairs:
@@ -61,8 +61,6 @@ def test_the_pair_loss_pushes_wrong_apart_and_pulls_right_together():
 
 
 def test_train_and_eval_with_feedback_from_an_index(tmp_path, capsys):
-    from index import IndexStore
-    from index.feedback import add_feedback
     from lookalike.cli import main
 
     data = make_image_folder(tmp_path / "data", n_classes=8, per_class=6, size=40, kind="pattern")
@@ -70,19 +68,7 @@ def test_train_and_eval_with_feedback_from_an_index(tmp_path, capsys):
             "--data.test_fraction", "0.25", "--data.val_fraction", "0.25", "--data.p", "3", "--data.k", "3",
             "--data.batches_per_epoch", "3", "--data.cached_views", "1", "--model.image_size", "32",
             "--amp", "none", "--threads", "1", "--epochs", "2", "--budget", "null", "--no-progress"]
-    assert main(["export", "--pretrained", "efficientnet_lite0", "--image-size", "32", "--out", str(tmp_path / "zs")]) == 0
-    assert main(["index", "build", "--model", str(tmp_path / "zs"), "--images", str(data), "--out",
-                 str(tmp_path / "idx"), "--labels-from-folders", "--no-progress", "--workers", "0"]) == 0
-    store = IndexStore.open(tmp_path / "idx", writable=True)
-    try:
-        by_label: dict[str, list[int]] = {}
-        for rec in store.db.get_many(range(1, 49)).values():
-            by_label.setdefault(rec.label, []).append(rec.id)
-        a, b = by_label["class_00"], by_label["class_01"]
-        add_feedback(store, verdict="wrong", result_id=b[0], query_id=a[0])
-        add_feedback(store, verdict="right", result_id=a[1], query_id=a[0])
-    finally:
-        store.close()
+    make_feedback_index(tmp_path, data)
     capsys.readouterr()
     assert main(["train", *tiny, "--out", str(tmp_path / "run"), "--feedback", str(tmp_path / "idx")]) == 0
     hist = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
