@@ -106,8 +106,9 @@ def choose_factory(requested: str, n: int, dim: int, *, max_ram: int | None = No
     """Concrete factory for ``n`` vectors of dimension ``dim`` (resolves ``auto``).
 
     ``max_ram``: bytes the FAISS index may take in RAM (None: no budget). Under a budget,
-    ``auto`` takes the first structure that fits: Flat (while small), ``IVF,Flat``, then
-    IVF-PQ with the most bytes per vector that fit (see :func:`pq_factory`).
+    ``auto`` takes the first structure that fits: Flat (while small), ``IVF,Flat`` (4 bytes a
+    dimension), ``IVF,SQ8`` (1 byte a dimension), then IVF-PQ with the most bytes per vector
+    that fit (see :func:`pq_factory`).
     """
     if requested != "auto":
         return requested
@@ -116,6 +117,9 @@ def choose_factory(requested: str, n: int, dim: int, *, max_ram: int | None = No
     factory = ann_factory(n)
     if max_ram is None or index_bytes(factory, n, dim) <= max_ram:
         return factory
+    sq8 = f"IVF{nlist_for(n)},SQ8"
+    if index_bytes(sq8, n, dim) <= max_ram:
+        return sq8
     return pq_factory(n, dim, max_ram)
 
 

@@ -25,6 +25,7 @@ def test_auto_picks_the_longest_code_that_fits_the_budget():
     n, d = 10_000_000, 128
     assert ann.choose_factory("auto", n, d) == "IVF4096,Flat"  # no budget: as before
     assert ann.choose_factory("auto", n, d, max_ram=8 * 2**30) == "IVF4096,Flat"  # 5.2 GB fits
+    assert ann.choose_factory("auto", n, d, max_ram=2 * 2**30) == "IVF4096,SQ8"  # 1.4 GB
     f = ann.choose_factory("auto", n, d, max_ram=2**30)
     assert f == "IVF4096,PQ64" and ann.index_bytes(f, n, d) <= 2**30
     f = ann.choose_factory("auto", n, d, max_ram=400 * 2**20)  # 40 bytes a vector with the ids
@@ -45,7 +46,7 @@ def test_auto_picks_the_longest_code_that_fits_the_budget():
 
 def test_auto_under_a_budget_builds_ivf_pq_that_fits(tmp_path, rng):
     n, d = 6000, 16
-    budget = 200_000  # exact: 528 kB, IVF-Flat: 436 kB
+    budget = 125_000  # exact: 528 kB, IVF-Flat: 436 kB, IVF-SQ8: 148 kB
     vecs = clustered(rng, n, d)
     with IndexStore.create(tmp_path / "ix", card=make_card(dim=d), images_root=None, max_ram=budget) as s:
         s.add(vecs, records(n))
