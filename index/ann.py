@@ -17,6 +17,11 @@ deleted id.
 100k x 128 takes ~2-7 ms and over 1M x 128 ~16-30 ms, so the bound keeps exact single-query
 latency around 10 ms. Above it, ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest
 ``sqrt(N)``, and ``nprobe`` tuned on held-out queries to reach the recall@10 target.
+
+Under a memory budget (``max_ram``, ``lookalike index build --max-ram``) ``auto`` takes the first
+structure whose estimated size (:func:`index_bytes`) fits: Flat, ``IVF,Flat``, ``IVF,SQ8``, then
+IVF-PQ with the longest code that fits (:func:`pq_factory`, OPQ from 4 dimensions per
+sub-quantizer). Compressed codes cap recall, so tuning stops where more probes stop paying.
 """
 
 from __future__ import annotations

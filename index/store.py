@@ -138,6 +138,7 @@ class IndexStore:
         self.on_disk: bool = bool(config.get("on_disk"))
         self._mmap = False  # set by open(): map the lists of the generations loaded
         self._mmapped = False  # the in-memory index's lists are mapped (read-only) right now
+        self._newest_seen = 0  # newest generation number present at the last load
         self._trained: faiss.Index | None = None
         self._rw = RWLock()
         self._wmutex = threading.RLock()
@@ -345,6 +346,7 @@ class IndexStore:
         index = None
         gen = None
         pruned = self.db.pruned_through()
+        self._newest_seen = max(gens.list_generations(self.directory), default=0)
         for number in gens.list_generations(self.directory):
             try:
                 g = gens.verify(self.directory, number, dim=self.dim, fingerprint=self.fingerprint)
@@ -492,7 +494,7 @@ class IndexStore:
         generations and pruned the log past what this store holds.
         """
         with self._wmutex:
-            newer = self._mmap and any(n > self.generation for n in gens.list_generations(self.directory))
+            newer = self._mmap and max(gens.list_generations(self.directory), default=0) > self._newest_seen
             if self.db.pruned_through() > self._seq or newer:
                 self._load()  # a memory-mapped replica swaps to the newest generation (mapped too)
                 return -1
