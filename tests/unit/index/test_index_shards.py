@@ -230,3 +230,37 @@ def test_trained_index_must_match_the_model(tmp_path, rng):
         IndexStore.create(tmp_path / "ix", card=make_card("b"), images_root=None, trained_from=tmp_path / "t.faiss")
     with pytest.raises(ValueError, match="only IVF indexes"):
         train_quantizer(vecs, "Flat", tmp_path / "f.faiss", fingerprint="a" * 64, n_planned=1)
+
+
+def test_cli_train_quantizer_then_ivf_shards_merge_like_one_build(tmp_path, tiny_model, tree, rng):
+    common = ["--model", str(tiny_model), "--images", str(tree), "--workers", "0", "--no-progress"]
+    trained = tmp_path / "trained.faiss"
+    # too few images for an IVF: auto is exact, and the command says so (exit 2, no traceback)
+    _expect_error(["index", "train-quantizer", *common, "--out", str(trained)], "need no trained index")
+    assert main(["index", "train-quantizer", *common, "--out", str(trained), "--factory", "IVF4,Flat"]) == 0
+    assert json.loads((tmp_path / "trained.faiss.json").read_text())["sample"] == 32  # every decodable file (duplicates too)
+    assert main(["index", "build", *common, "--out", str(tmp_path / "one"), "--trained-from", str(trained)]) == 0
+    for i in range(2):
+        assert main(["index", "build", *common, "--out", str(tmp_path / "s"), "--shard", f"{i}/2",
+                     "--trained-from", str(trained), "--on-disk"]) == 0
+    shards = sorted((tmp_path / "s").iterdir())
+    assert main(["index", "merge", *map(str, shards), "--out", str(tmp_path / "merged")]) == 0
+    with IndexStore.open(tmp_path / "one", mmap=False) as one, IndexStore.open(tmp_path / "merged") as merged:
+        assert merged.info()["factory"] == one.info()["factory"] == "IVF4,Flat"
+        assert merged.on_disk and merged._mmapped  # --on-disk travels from the shards to the merge
+        assert _records(merged) == _records(one)
+        q = unit(rng, 20, one.dim)
+        ann.set_params(one._index, {"nprobe": 4})
+        ann.set_params(merged._index, {"nprobe": 4})
+        assert [[h.id for h in x] for x in merged.search(q, 5)] == [[h.id for h in x] for x in one.search(q, 5)]
+
+
+def _expect_error(argv: list[str], text: str) -> int:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    assert rc == 2 and text in err.getvalue(), err.getvalue()
+    return rc
