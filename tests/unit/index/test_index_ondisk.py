@@ -136,5 +136,7 @@ def test_auto_by_budget_on_200k_vectors_with_on_disk_lists(tmp_path, rng):
     assert (gens.gen_path(tmp_path / "ix", info["generation"]) / gens.INDEX_FILE).stat().st_size <= budget
     with IndexStore.open(tmp_path / "ix") as r:
         assert r._mmapped and _ids(r, q) == ram_ids
+    # the recall it reports is the recall it gives (these queries are in the collection: +self)
     truth = ann.exact_topk(q, vecs, 10) + 1
-    assert ann.recall_at(np.array(ram_ids), truth) > 0.8
+    recall = ann.recall_at(np.array(ram_ids), truth)
+    assert recall > 0.5 and abs(recall - info["recall_at_10"]) < 0.15, (recall, info["recall_at_10"])
