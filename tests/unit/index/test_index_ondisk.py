@@ -29,12 +29,13 @@ def test_auto_picks_the_longest_code_that_fits_the_budget():
     f = ann.choose_factory("auto", n, d, max_ram=2**30)
     assert f == "IVF4096,PQ64" and ann.index_bytes(f, n, d) <= 2**30
     f = ann.choose_factory("auto", n, d, max_ram=400 * 2**20)  # 40 bytes a vector with the ids
-    assert f == "OPQ32,IVF4096,PQ32" and ann.index_bytes(f, n, d) <= 400 * 2**20
+    assert f == "IVF4096,PQ32" and ann.index_bytes(f, n, d) <= 400 * 2**20
+    assert ann.choose_factory("auto", n, d, max_ram=250 * 2**20) == "OPQ16,IVF4096,PQ16"  # 8 dimensions each
     with pytest.raises(ValueError, match="too small for 10000000 vectors of dimension 128"):
         ann.choose_factory("auto", n, d, max_ram=100 * 2**20)
     # a small collection stays exact unless even that does not fit
     assert ann.choose_factory("auto", 1000, d, max_ram=2**30) == "Flat"
-    assert ann.choose_factory("auto", 100_000, 1280, max_ram=64 * 2**20) == "OPQ320,IVF256,PQ320"
+    assert ann.choose_factory("auto", 100_000, 1280, max_ram=64 * 2**20) == "IVF256,PQ320"
     # the estimate is what FAISS really stores, within the bookkeeping
     index = ann.empty_index("IVF16,PQ8", 16)
     vecs = unit(np.random.default_rng(0), 5000, 16)
