@@ -17,6 +17,11 @@ deleted id.
 100k x 128 takes ~2-7 ms and over 1M x 128 ~16-30 ms, so the bound keeps exact single-query
 latency around 10 ms. Above it, ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest
 ``sqrt(N)``, and ``nprobe`` tuned on held-out queries to reach the recall@10 target.
+
+Under a memory budget (``max_ram``, ``lookalike index build --max-ram``) ``auto`` takes the first
+structure whose estimated size (:func:`index_bytes`) fits: Flat, ``IVF,Flat``, ``IVF,SQ8``, then
+IVF-PQ with the longest code that fits (:func:`pq_factory`, OPQ from 8 dimensions per
+sub-quantizer). Compressed codes cap recall, so tuning stops where more probes stop paying.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ TUNING_QUERIES = 1000
 TUNING_MARGIN = 0.005
 METRIC = faiss.METRIC_INNER_PRODUCT
 METRIC_NAME = "inner_product"
+#: Compressed codes: stop raising nprobe once two more steps gained less recall@10 than this.
+PLATEAU_GAIN = 0.002
 _NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
                 1536, 2048, 3072, 4096, 8192, 16384, 32768, 65536)
 
@@ -100,13 +107,90 @@ def nlist_for(n: int) -> int:
     return int(min(65536, max(16, 2 ** round(math.log2(max(1.0, math.sqrt(n)))))))
 
 
-def choose_factory(requested: str, n: int, dim: int) -> str:
-    """Concrete factory for ``n`` vectors of dimension ``dim`` (resolves ``auto``)."""
+def choose_factory(requested: str, n: int, dim: int, *, max_ram: int | None = None) -> str:
+    """Concrete factory for ``n`` vectors of dimension ``dim`` (resolves ``auto``).
+
+    ``max_ram``: bytes the FAISS index may take in RAM (None: no budget). Under a budget,
+    ``auto`` takes the first structure that fits: Flat (while small), ``IVF,Flat`` (4 bytes a
+    dimension), ``IVF,SQ8`` (1 byte a dimension), then IVF-PQ with the most bytes per vector
+    that fit (see :func:`pq_factory`).
+    """
     if requested != "auto":
         return requested
-    if n * dim <= FLAT_MAX_ELEMENTS:
+    if n * dim <= FLAT_MAX_ELEMENTS and (max_ram is None or index_bytes("Flat", n, dim) <= max_ram):
         return "Flat"
-    return ann_factory(n)
+    factory = ann_factory(n)
+    if max_ram is None or index_bytes(factory, n, dim) <= max_ram:
+        return factory
+    sq8 = f"IVF{nlist_for(n)},SQ8"
+    if index_bytes(sq8, n, dim) <= max_ram:
+        return sq8
+    return pq_factory(n, dim, max_ram)
+
+
+#: Bytes per vector of bookkeeping besides its code: the int64 id in its inverted list.
+_ID_BYTES = 8
+#: Smallest PQ code ``auto`` uses; below it recall@10 collapses (see bench/bench_scale.py).
+PQ_MIN_BYTES = 8
+
+
+def pq_factory(n: int, dim: int, max_ram: int) -> str:
+    """The IVF-PQ factory for ``n`` x ``dim`` vectors whose index fits ``max_ram`` bytes.
+
+    The PQ code takes ``m`` bytes per vector (8-bit sub-quantizers, ``m`` divides ``dim``): the
+    largest ``m <= dim / 2`` that fits. OPQ (a learned rotation before PQ) is added when each
+    sub-quantizer codes 8 or more dimensions. At 200k x 128 (README, Scaling) OPQ32 (4
+    dimensions each) raised recall@10 only from 0.499 to 0.505, for 3.6x the training time;
+    a one-off check saw OPQ16 (8 each) raise it from 0.431 to 0.465.
+
+    Raises:
+        ValueError: even the smallest code does not fit; names the budget and the minimum.
+    """
+    nlist = nlist_for(n)
+    fixed = nlist * dim * 4 + 256 * dim * 4 + dim * dim * 4  # coarse centroids, PQ codebooks, OPQ rotation
+    per_vector = (max_ram - fixed) / max(1, n) - _ID_BYTES
+    fitting = [m for m in range(dim // 2, PQ_MIN_BYTES - 1, -1) if dim % m == 0 and m <= per_vector]
+    if not fitting:
+        need = index_bytes(f"IVF{nlist},PQ{_smallest_pq(dim)}", n, dim)
+        raise ValueError(f"max_ram {max_ram / 2**20:.0f} MiB is too small for {n} vectors of dimension {dim}: "
+                         f"the smallest PQ code needs about {need / 2**20:.0f} MiB")
+    m = fitting[0]
+    ivfpq = f"IVF{nlist},PQ{m}"
+    return f"OPQ{m},{ivfpq}" if dim // m >= 8 else ivfpq
+
+
+def _smallest_pq(dim: int) -> int:
+    return next((m for m in range(PQ_MIN_BYTES, dim + 1) if dim % m == 0), dim)
+
+
+def index_bytes(factory: str, n: int, dim: int) -> int:
+    """Estimated RAM in bytes of a FAISS index of ``n`` vectors (``Flat`` or ``[OPQm,]IVFk,{Flat|PQm|SQ8}``)."""
+    if factory == "Flat":
+        return n * (dim * 4 + 3 * _ID_BYTES)  # the floats, the id array and the id -> row map
+    nlist = int(m.group(1)) if (m := re.search(r"IVF(\d+)", factory)) else nlist_for(n)
+    code, codebook = dim * 4, 0
+    if pq := re.search(r",PQ(\d+)(?:x(\d+))?", factory):
+        bits = int(pq.group(2) or 8)
+        code, codebook = math.ceil(int(pq.group(1)) * bits / 8), 2**bits * dim * 4
+    elif "SQ8" in factory:
+        code = dim
+    opq = dim * dim * 4 if factory.startswith("OPQ") else 0
+    return n * (code + _ID_BYTES) + nlist * dim * 4 + codebook + opq
+
+
+def parse_bytes(text: str) -> int:
+    """``'8G'``, ``'512M'``, ``'1.5GiB'``, ``'1000000'`` -> bytes (binary units).
+
+    Raises:
+        ValueError: naming the text and the accepted form.
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
+    if not m:
+        raise ValueError(f"memory size {text!r} not understood; write e.g. 512M, 8G or 1.5GiB")
+    value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
+    if value < 1:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return int(value)
 
 
 def ann_factory(n: int) -> str:
@@ -122,7 +206,13 @@ def empty_index(factory: str, dim: int) -> faiss.Index:
     """An untrained/empty index for a concrete factory (``Flat`` or an IVF string)."""
     if factory == "Flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    return faiss.index_factory(dim, factory, METRIC)
+    index = faiss.index_factory(dim, factory, METRIC)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        # FAISS trains polysemous codes by default: most of the training time (measured ~3x
+        # here), for a Hamming-filtered search that is never used (polysemous_ht stays 0)
+        ivf.do_polysemous_training = False
+    return index
 
 
 def nlist_of(index: faiss.Index) -> int | None:
@@ -156,12 +246,18 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
 
 
 def build(factory: str, vectors: np.ndarray, ids: np.ndarray, *, rng: np.random.Generator | None = None,
-          recall_target: float = 0.95, threads: int | None = None) -> tuple[faiss.Index, Tuning]:
+          recall_target: float = 0.95, threads: int | None = None,
+          trained: faiss.Index | None = None) -> tuple[faiss.Index, Tuning]:
     """Build a concrete index over (N, D) float32 unit ``vectors`` with int64 ``ids``.
 
     IVF: trains on a sample that excludes the tuning queries, adds everything, then tunes.
+    ``trained``: an empty, trained index (e.g. the coarse quantizer and PQ trained once for
+    every shard, :mod:`index.shards`); a copy of it is filled instead of training.
     Returns the index and its :class:`Tuning` (recall 1.0 for Flat).
     """
+    if trained is not None:
+        return _build_from_trained(trained, vectors, ids, rng=rng or np.random.default_rng(0),
+                                   recall_target=recall_target, threads=threads)
     rng = rng or np.random.default_rng(0)
     n, dim = vectors.shape
     set_search_threads(threads or os.cpu_count() or 1)
@@ -190,6 +286,30 @@ def build(factory: str, vectors: np.ndarray, ids: np.ndarray, *, rng: np.random.
         set_search_threads(1)
 
 
+def _build_from_trained(trained: faiss.Index, vectors: np.ndarray, ids: np.ndarray, *, rng: np.random.Generator,
+                        recall_target: float, threads: int | None) -> tuple[faiss.Index, Tuning]:
+    if not trained.is_trained or trained.ntotal:
+        raise ValueError("the trained index must be trained and empty")
+    set_search_threads(threads or os.cpu_count() or 1)
+    try:
+        index = faiss.clone_index(trained)
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+        q_rows = rng.permutation(len(ids))[: min(TUNING_QUERIES, len(ids) // 10)]
+        return index, tune(index, vectors, ids, q_rows, recall_target=recall_target)
+    finally:
+        set_search_threads(1)
+
+
+def is_lossy(index: faiss.Index) -> bool:
+    """True for IVF indexes whose codes are compressed (PQ, SQ): their recall saturates below 1."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)
+
+
 def tune(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, q_rows: np.ndarray, *,
          recall_target: float) -> Tuning:
     """Pick the smallest nprobe whose recall@10 on the held-out queries reaches the target.
@@ -208,6 +328,7 @@ def tune(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, q_rows: np.nd
     truth = _drop_self(ids[exact_topk(q, vectors, min(k, n))], qids)
     curve = []
     chosen = None
+    lossy = is_lossy(index)
     for nprobe in [p for p in _NPROBE_GRID if p < nlist] + [nlist]:
         set_params(index, {"nprobe": nprobe})
         _, found = index.search(q, min(k, n))
@@ -215,6 +336,13 @@ def tune(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, q_rows: np.nd
         curve.append((nprobe, round(r, 4)))
         if r >= min(1.0, recall_target + TUNING_MARGIN) or nprobe >= nlist:
             chosen = (nprobe, r)
+            break
+        if lossy and len(curve) >= 3 and r - curve[-3][1] < PLATEAU_GAIN:
+            # compressed codes cap recall: probing more lists costs time and gains nothing
+            chosen = curve[-3]
+            log.warning("recall@10 saturates at %.4f with %s codes, below the target %.3f; a larger "
+                        "memory budget (a longer code) raises it", r, type(faiss.downcast_index(
+                            faiss.extract_index_ivf(index))).__name__, recall_target)
             break
     assert chosen is not None
     set_params(index, {"nprobe": chosen[0]})

@@ -1,4 +1,4 @@
-"""``lookalike index {build,add,remove,info,search,checkpoint,snapshot,restore,feedback}``. Import-light: heavy imports
+"""``lookalike index {build,add,remove,info,search,checkpoint,snapshot,restore,feedback,train-quantizer,merge}``. Import-light: heavy imports
 happen inside the handlers."""
 
 from __future__ import annotations
@@ -13,6 +13,22 @@ def _float01(s: str) -> float:
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
     return v
+
+
+def _bytes(s: str) -> int:
+    from index.ann import parse_bytes
+
+    try:
+        return parse_bytes(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-ram", type=_bytes, default=None, metavar="SIZE",
+                   help="RAM the FAISS index may take, e.g. 8G: 'auto' picks IVF-PQ (compressed codes) above it")
+    p.add_argument("--on-disk", action="store_true",
+                   help="read-only opens (replicas) memory-map the IVF lists: processes on one host share them")
 
 
 def _add_ingest_args(p: argparse.ArgumentParser) -> None:
@@ -44,8 +60,35 @@ def register(subparsers) -> None:
     b.add_argument("--out", required=True, help="index directory to create")
     b.add_argument("--factory", default="auto", help="'auto' (default), 'Flat', or an IVF factory e.g. IVF1024,Flat")
     b.add_argument("--recall-target", type=_float01, default=0.95, help="recall@10 target for ANN tuning")
+    _add_budget_args(b)
+    b.add_argument("--shard", metavar="i/N", help="index only shard i of N (by a stable hash of each path) into "
+                   "OUT/shard-iii-of-NNN; under torchrun the default is RANK/WORLD_SIZE")
+    b.add_argument("--trained-from", metavar="FILE", help="start from this trained empty IVF index "
+                   "(`lookalike index train-quantizer`), so shards can be merged list by list")
     _add_ingest_args(b)
     b.set_defaults(func=cmd_build)
+
+    tq = sub.add_parser("train-quantizer", help="train the IVF (coarse quantizer, PQ) once for a sharded build",
+                        description="Embed a seeded sample of the images and train an empty IVF index on it, "
+                                    "for every shard of `index build --shard i/N --trained-from FILE`.")
+    tq.add_argument("--model", required=True, help="model or training run directory")
+    tq.add_argument("--images", required=True, help="the whole folder of images the shards will index")
+    tq.add_argument("--out", required=True, help="file to write (a FILE.json beside it describes it)")
+    tq.add_argument("--factory", default="auto", help="'auto' (from the image count and --max-ram) or an IVF factory")
+    tq.add_argument("--sample", type=int, default=None,
+                    help="images to train on (default: 40 per list, at least 10,000, at most all)")
+    tq.add_argument("--max-ram", type=_bytes, default=None, metavar="SIZE", help="as for build")
+    _add_ingest_args(tq)
+    tq.set_defaults(func=cmd_train_quantizer)
+
+    mg = sub.add_parser("merge", help="merge the shards of a sharded build into one index",
+                        description="Merge finished shard directories (from `index build --shard i/N`) into one "
+                                    "new index: Flat by concatenation, IVF list by list (FAISS merge_from). "
+                                    "Refuses shards of different builds, models or N, naming the mismatch.")
+    mg.add_argument("shards", nargs="+", help="shard directories (OUT/shard-*-of-NNN)")
+    mg.add_argument("--out", required=True, help="index directory to create")
+    mg.add_argument("--on-disk", action="store_true", default=None, help="as for build (default: as the shards)")
+    mg.set_defaults(func=cmd_merge)
 
     a = sub.add_parser("add", help="index the new or changed images under a folder of the images root")
     a.add_argument("index", help="index directory")
@@ -117,14 +160,14 @@ def _read_classes(path: str | None) -> list[str] | None:
     return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def _ingest(store, model: str, images: str, args) -> int:
+def _ingest(store, model: str, images: str, args, shard: tuple[int, int] | None = None) -> int:
     from index.ingest import Embedder, index_folder
 
     embedder = Embedder.load(model, backend=args.backend, bf16=args.bf16)
     report = index_folder(store, embedder, images, labels_from_folders=args.labels_from_folders,
                           include=_read_classes(args.classes), batch_size=args.batch_size, workers=args.workers,
                           draft=not args.no_draft, progress=not args.no_progress, threads=args.threads,
-                          log_path=args.log)
+                          log_path=args.log, shard=shard)
     print(report.summary())
     for rel, code, reason in report.failures[:20]:
         print(f"  failed: {rel}: {reason} ({code})")
@@ -143,11 +186,18 @@ def cmd_build(args) -> int:
 
     from index.store import STORE_FILE, IndexStore
 
+    from index.shards import parse_shard, shard_dir, shard_from_env
+
     card = load_card(args.model)
     images = Path(args.images)
     if not images.is_dir():
         raise FileNotFoundError(f"{images}: no such image folder")
+    shard = parse_shard(args.shard) if args.shard else shard_from_env()
     out = Path(args.out)
+    if shard is not None:
+        out = shard_dir(out, shard)
+        print(f"shard {shard[0]}/{shard[1]}" + ("" if args.shard else " (from torchrun's RANK/WORLD_SIZE)")
+              + f" -> {out}")
     if (out / STORE_FILE).is_file():
         store = IndexStore.open(out, card=card, writable=True)
         if store.images_root is None or store.images_root != images.resolve():
@@ -156,12 +206,51 @@ def cmd_build(args) -> int:
                              f"use `lookalike index add {out} --images DIR` or another --out")
         print(f"{out}: index exists; resuming / adding new images")
     else:
+        extra = None if shard is None else {"shard": {"index": shard[0], "count": shard[1],
+                                                       "labels_from_folders": bool(args.labels_from_folders)}}
         store = IndexStore.create(out, card=card, images_root=images, factory=args.factory,
-                                  recall_target=args.recall_target, model_dir=args.model)
+                                  recall_target=args.recall_target, model_dir=args.model, max_ram=args.max_ram,
+                                  on_disk=args.on_disk, trained_from=args.trained_from, extra=extra)
     try:
-        return _ingest(store, args.model, str(images), args)
+        return _ingest(store, args.model, str(images), args, shard=shard)
     finally:
         store.close()
+
+
+def cmd_train_quantizer(args) -> int:
+    from pathlib import Path
+
+    from index import ann
+    from index.ingest import Embedder, embed_files, walk_images
+    from index.shards import sample_rows, train_quantizer
+
+    embedder = Embedder.load(args.model, backend=args.backend, bf16=args.bf16)
+    images = Path(args.images)
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: no such image folder")
+    include = _read_classes(args.classes)
+    files, _ignored = walk_images(images, include=include)
+    dim = embedder.card.embedding_dim
+    factory = ann.choose_factory(ann.normalize_factory(args.factory), len(files), dim, max_ram=args.max_ram)
+    nlist = ann.nlist_of(ann.empty_index(factory, dim))
+    if nlist is None:
+        raise ValueError(f"at {len(files)} images of dimension {dim} the factory is {factory}: shards of an exact "
+                         "index need no trained index; build them without --trained-from")
+    size = args.sample or max(40 * nlist, 10_000)
+    rows = sample_rows(len(files), size)
+    chosen = [files[i] for i in rows]
+    rels, vecs = embed_files(embedder, chosen, [f.relative_to(images).as_posix() for f in chosen],
+                             batch_size=args.batch_size, workers=args.workers, draft=not args.no_draft)
+    meta = train_quantizer(vecs, factory, args.out, fingerprint=embedder.card.fingerprint, n_planned=len(files))
+    print(f"trained {factory} on {meta['sample']} of {len(files)} images in {meta['train_seconds']:.1f}s -> {args.out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from index.shards import merge
+
+    print(merge(args.shards, args.out, on_disk=args.on_disk).summary())
+    return 0
 
 
 def _model_for(store, model: str | None) -> str:

@@ -189,11 +189,17 @@ def verify(root: Path, number: int, *, dim: int, fingerprint: str) -> Generation
     return Generation(number, path, manifest)
 
 
-def read_index(gen: Generation) -> faiss.Index:
-    """Parse a verified generation's FAISS file and check it against the manifest."""
+def read_index(gen: Generation, *, mmap: bool = False) -> faiss.Index:
+    """Parse a verified generation's FAISS file and check it against the manifest.
+
+    ``mmap``: an IVF index's inverted lists are not read into RAM but memory-mapped from the
+    file, read-only (FAISS loads them as an ``OnDiskInvertedLists``): processes serving the
+    same generation share those pages in the page cache. Such an index must not be changed
+    (FAISS refuses, and then the object is unusable); a Flat index is read into RAM either way.
+    """
     where = gen.path / INDEX_FILE
     try:
-        index = faiss.read_index(str(where))
+        index = faiss.read_index(str(where), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     except RuntimeError as exc:
         raise CorruptIndexError(f"{where}: FAISS cannot read it ({str(exc).splitlines()[0][:200]})") from None
     if index.d != gen.manifest["dim"] or index.ntotal != gen.manifest["ntotal"] or index.metric_type != METRIC:

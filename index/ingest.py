@@ -216,11 +216,154 @@ class _BatchDataset:
         return items, t1 - t0, time.perf_counter() - t1
 
 
+def embed_files(embedder: Embedder, files: Sequence[Path], rels: Sequence[str], *, batch_size: int = 64,
+                workers: int | None = None, limits: DecodeLimits = DEFAULT_LIMITS,
+                draft: bool = True) -> tuple[list[str], np.ndarray]:
+    """Embed image files without an index (e.g. the sample an IVF is trained on).
+
+    Returns the relative paths that decoded and their (M, D) float32 unit vectors; the others
+    are logged with their reason and left out.
+    """
+    from torch.utils.data import DataLoader
+
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    ds = _BatchDataset(list(files), list(rels), embedder, limits, draft, batch_size)
+    loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                        prefetch_factor=2 if workers else None)
+    ok_rels: list[str] = []
+    vecs: list[np.ndarray] = []
+    for items, _dec, _emb in loader:
+        for it in items:
+            if it["vector"] is None:
+                log.warning("skipped %s: %s (%s)", it["rel"], it["reason"], it["code"])
+            else:
+                ok_rels.append(it["rel"])
+                vecs.append(it["vector"])
+    dim = embedder.card.embedding_dim
+    return ok_rels, (np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32))
+
+
+def in_shard(rel: str, shard: tuple[int, int] | None) -> bool:
+    """Whether the image at relative path ``rel`` belongs to ``shard`` = (i, N); None: every image.
+
+    Decided by a stable hash of the path (see :func:`index.shards.shard_of`), so a re-run or a
+    resumed job keeps each image in its shard.
+    """
+    if shard is None:
+        return True
+    from index.shards import shard_of
+
+    return shard_of(rel, shard[1]) == shard[0]
+
+
+@dataclass
+class _Plan:
+    """What a run has to read: the files to embed (absolute and relative to the images root) and
+    the records known before it started (path -> (id, size, mtime, sha256))."""
+
+    todo: list[Path]
+    rels: list[str]
+    known: dict[str, tuple[int, int, float, str]]
+
+
+def _plan(store: IndexStore, folder: Path, root: Path, report: IngestReport, *, include: Sequence[str] | None,
+          shard: tuple[int, int] | None) -> _Plan:
+    """Walk ``folder`` and diff it against the index: count unchanged files and stat failures."""
+    files, report.ignored = walk_images(folder, include=include, exclude=[store.directory])
+    known = store.folder_stats()
+    plan = _Plan([], [], known)
+    outside = 0
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if not in_shard(rel, shard):
+            outside += 1
+            continue
+        report.seen += 1
+        try:
+            st = f.stat()
+        except OSError as exc:
+            report.failed += 1
+            report.failures.append((rel, "unreadable", f"cannot stat ({exc.strerror or exc})"))
+            continue
+        k = known.get(rel)
+        if k is not None and k[1] == st.st_size and k[2] == st.st_mtime:
+            report.unchanged += 1
+            continue
+        plan.todo.append(f)
+        plan.rels.append(rel)
+    where = f" (shard {shard[0]}/{shard[1]}: {outside} files belong to other shards)" if shard else ""
+    log.info("%s: %d image files, %d unchanged, %d to read%s", folder, report.seen, report.unchanged,
+             len(plan.todo), where)
+    return plan
+
+
+def _open_job_log(store: IndexStore, folder: Path, log_path: str | Path | None, report: IngestReport):
+    if log_path is None:
+        (store.directory / LOG_DIR).mkdir(exist_ok=True)
+        log_path = store.directory / LOG_DIR / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    report.log_path = Path(log_path)
+    logf = open(report.log_path, "a", encoding="utf-8")
+    logf.write(f"# lookalike index ingest of {folder} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    for rel, code, reason in report.failures:
+        logf.write(f"FAILED\t{rel}\t{code}\t{reason}\n")
+    return logf
+
+
+class _BatchWriter:
+    """Commits embedded batches to the store: failures logged, duplicates and unchanged bytes
+    skipped, a changed file's old record replaced, each batch one durable transaction."""
+
+    def __init__(self, store: IndexStore, report: IngestReport, known: dict, logf, *,
+                 labels_from_folders: bool) -> None:
+        self.store, self.report, self.known, self.logf = store, report, known, logf
+        self.label = (lambda rel: Path(rel).parent.name or None) if labels_from_folders else (lambda rel: None)
+        self.seen_shas: dict[str, str] = {}
+
+    def write(self, items: list[dict]) -> int:
+        """Commit one batch of items (``rel``, ``vector`` or failure, ``sha256``...); returns how many were added."""
+        report, store = self.report, self.store
+        ok = []
+        for it in items:
+            if it["vector"] is None:
+                report.failed += 1
+                report.failures.append((it["rel"], it["code"], it["reason"]))
+                log.warning("skipped %s: %s (%s)", it["rel"], it["reason"], it["code"])
+                self.logf.write(f"FAILED\t{it['rel']}\t{it['code']}\t{it['reason']}\n")
+            else:
+                ok.append(it)
+        present = store.shas_present([it["sha256"] for it in ok])
+        new, replace_ids = [], []
+        for it in ok:
+            sha, rel = it["sha256"], it["rel"]
+            prev = self.known.get(rel)
+            if prev is not None and prev[3] != sha:
+                replace_ids.append(prev[0])  # this path's old content is gone whatever happens next
+            if sha in present and present[sha].source == "folder" and present[sha].path == rel:
+                store.touch(present[sha].id, it["size"], it["mtime"])  # same bytes, new mtime
+                report.unchanged += 1
+            elif sha in present or sha in self.seen_shas:
+                other = present[sha].path if sha in present else self.seen_shas[sha]
+                report.duplicates += 1
+                self.logf.write(f"DUPLICATE\t{rel}\tsame sha256 as {other}\n")
+            else:
+                self.seen_shas[sha] = rel
+                new.append(it)
+        if replace_ids:
+            report.replaced += store.remove(replace_ids)
+        if new:
+            store.add(np.stack([it["vector"] for it in new]),
+                      [{"path": it["rel"], "label": self.label(it["rel"]), "sha256": it["sha256"],
+                        "size": it["size"], "mtime": it["mtime"], "source": "folder"} for it in new])
+            report.added += len(new)
+        return len(new)
+
+
 def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, labels_from_folders: bool = False,
                  include: Sequence[str] | None = None, batch_size: int = 64, workers: int | None = None,
                  limits: DecodeLimits = DEFAULT_LIMITS, draft: bool = True, progress: bool = True,
                  checkpoint: bool = True, checkpoint_every: int = 100_000, threads: int | None = None,
-                 log_path: str | Path | None = None) -> IngestReport:
+                 log_path: str | Path | None = None, shard: tuple[int, int] | None = None) -> IngestReport:
     """Index every image under ``folder`` (which must lie inside ``store.images_root``).
 
     Args:
@@ -237,14 +380,34 @@ def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, l
             its batches: measured on the shared 2-core machine, two 1-thread processes beat one
             2-thread process by ~3x (OpenMP barriers stall when other jobs take a core).
         log_path: failure log (default ``<index>/logs/ingest-<time>.log``).
+        shard: ``(i, N)``: only the images of shard i of N (:func:`in_shard`); ``seen`` and the
+            other counts are of this shard's images.
 
     Returns:
         The :class:`IngestReport` with counts and failures.
     """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    folder, root = _check_job(store, embedder, folder)
+    t_start = time.perf_counter()
+    report = IngestReport()
+    plan = _plan(store, folder, root, report, include=include, shard=shard)
+    logf = _open_job_log(store, folder, log_path, report)
+    try:
+        _run_batches(store, embedder, plan, report, logf, labels_from_folders=labels_from_folders,
+                     batch_size=batch_size, workers=workers, limits=limits, draft=draft, progress=progress,
+                     checkpoint=checkpoint, checkpoint_every=checkpoint_every, threads=threads)
+    finally:
+        report.seconds = time.perf_counter() - t_start
+        try:
+            logf.write(f"# {report.summary()}\n")
+            logf.close()
+        except OSError as exc:  # the log may sit on the full volume too
+            log.warning("could not finish the job log %s: %s", report.log_path, exc)
+    log.info("%s", report.summary())
+    return report
 
+
+def _check_job(store: IndexStore, embedder: Embedder, folder: str | Path) -> tuple[Path, Path]:
+    """Refuse a job that cannot run; returns (folder, images root), both resolved."""
     if not store.writable:
         raise ValueError(f"{store.directory}: open the index writable to add images")
     if embedder.card.fingerprint != store.fingerprint:
@@ -259,49 +422,28 @@ def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, l
     if not folder.is_relative_to(root):
         raise ValueError(f"{folder} is outside the index's images root {root}; index images under it "
                          "(or build a new index with --images pointing at a common parent)")
-    t_start = time.perf_counter()
-    report = IngestReport()
-    files, report.ignored = walk_images(folder, include=include, exclude=[store.directory])
-    report.seen = len(files)
-    known = store.db.folder_stats()
-    todo: list[Path] = []
-    rels: list[str] = []
-    for f in files:
-        rel = f.relative_to(root).as_posix()
-        try:
-            st = f.stat()
-        except OSError as exc:
-            report.failed += 1
-            report.failures.append((rel, "unreadable", f"cannot stat ({exc.strerror or exc})"))
-            continue
-        k = known.get(rel)
-        if k is not None and k[1] == st.st_size and k[2] == st.st_mtime:
-            report.unchanged += 1
-            continue
-        todo.append(f)
-        rels.append(rel)
-    log.info("%s: %d image files, %d unchanged, %d to read", folder, len(files), report.unchanged, len(todo))
+    return folder, root
 
-    if log_path is None:
-        (store.directory / LOG_DIR).mkdir(exist_ok=True)
-        log_path = store.directory / LOG_DIR / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    report.log_path = Path(log_path)
-    logf = open(report.log_path, "a", encoding="utf-8")
-    logf.write(f"# lookalike index ingest of {folder} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    for rel, code, reason in report.failures:
-        logf.write(f"FAILED\t{rel}\t{code}\t{reason}\n")
+
+def _run_batches(store: IndexStore, embedder: Embedder, plan: _Plan, report: IngestReport, logf, *,
+                 labels_from_folders: bool, batch_size: int, workers: int | None, limits: DecodeLimits,
+                 draft: bool, progress: bool, checkpoint: bool, checkpoint_every: int, threads: int | None) -> None:
+    """Decode + embed ``plan.todo`` in workers and commit batch by batch (see :class:`_BatchWriter`)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     prev_threads = torch.get_num_threads()
     if threads and not workers:
         torch.set_num_threads(threads)
-    ds = _BatchDataset(todo, rels, embedder, limits, draft, batch_size)
+    ds = _BatchDataset(plan.todo, plan.rels, embedder, limits, draft, batch_size)
     loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
-    seen_shas: dict[str, str] = {}
+    writer = _BatchWriter(store, report, plan.known, logf, labels_from_folders=labels_from_folders)
     since_ckpt = 0
-    bar = tqdm(total=len(todo), unit="img", desc="indexing", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=len(plan.todo), unit="img", desc="indexing", disable=not progress, smoothing=0.1)
     try:
         batches = iter(loader)
         while True:
@@ -313,41 +455,7 @@ def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, l
             items, dec_s, emb_s = got
             report.decode_seconds += dec_s
             report.embed_seconds += emb_s
-            ok = []
-            for it in items:
-                if it["vector"] is None:
-                    report.failed += 1
-                    report.failures.append((it["rel"], it["code"], it["reason"]))
-                    log.warning("skipped %s: %s (%s)", it["rel"], it["reason"], it["code"])
-                    logf.write(f"FAILED\t{it['rel']}\t{it['code']}\t{it['reason']}\n")
-                else:
-                    ok.append(it)
-            present = store.db.shas_present([it["sha256"] for it in ok])
-            new, replace_ids = [], []
-            for it in ok:
-                sha, rel = it["sha256"], it["rel"]
-                prev = known.get(rel)
-                if prev is not None and prev[3] != sha:
-                    replace_ids.append(prev[0])  # this path's old content is gone whatever happens next
-                if sha in present and present[sha].source == "folder" and present[sha].path == rel:
-                    store.db.touch(present[sha].id, it["size"], it["mtime"])  # same bytes, new mtime
-                    report.unchanged += 1
-                elif sha in present or sha in seen_shas:
-                    other = present[sha].path if sha in present else seen_shas[sha]
-                    report.duplicates += 1
-                    logf.write(f"DUPLICATE\t{rel}\tsame sha256 as {other}\n")
-                else:
-                    seen_shas[sha] = rel
-                    new.append(it)
-            if replace_ids:
-                report.replaced += store.remove(replace_ids)
-            if new:
-                vecs = np.stack([it["vector"] for it in new])
-                label = (lambda rel: Path(rel).parent.name or None) if labels_from_folders else (lambda rel: None)
-                store.add(vecs, [{"path": it["rel"], "label": label(it["rel"]), "sha256": it["sha256"],
-                                  "size": it["size"], "mtime": it["mtime"], "source": "folder"} for it in new])
-                report.added += len(new)
-                since_ckpt += len(new)
+            since_ckpt += writer.write(items)
             bar.update(len(items))
             bar.set_postfix(added=report.added, dup=report.duplicates, failed=report.failed, refresh=False)
             if checkpoint and since_ckpt >= checkpoint_every:
@@ -367,11 +475,3 @@ def index_folder(store: IndexStore, embedder: Embedder, folder: str | Path, *, l
     finally:
         torch.set_num_threads(prev_threads)
         bar.close()
-        report.seconds = time.perf_counter() - t_start
-        try:
-            logf.write(f"# {report.summary()}\n")
-            logf.close()
-        except OSError as exc:  # the log may sit on the full volume too
-            log.warning("could not finish the job log %s: %s", report.log_path, exc)
-    log.info("%s", report.summary())
-    return report

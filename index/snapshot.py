@@ -40,7 +40,7 @@ from index import generations as gens
 from index.errors import CorruptIndexError
 from index.feedback import stored_files
 from index.metadata import DB_FILE, SCHEMA_VERSION, _connect
-from index.store import DELETED_DIR, STORE_FILE, STORE_VERSION, UPLOADS_DIR
+from index.store import DELETED_DIR, STORE_FILE, STORE_VERSION, TRAINED_FILE, UPLOADS_DIR
 from models.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,9 @@ def snapshot(index_dir: str | Path, out: str | Path) -> SnapshotReport:
             con.close()
         generation = _stage_generation(d, stage, last_seq)
         shutil.copy2(d / STORE_FILE, stage / STORE_FILE)
+        for name in (TRAINED_FILE, TRAINED_FILE + ".json"):  # a sharded build's common trained index
+            if (d / name).is_file():
+                shutil.copy2(d / name, stage / name)
         files = sorted(p for p in stage.rglob("*") if p.is_file())
         manifest = {
             "format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "created_at": time.time(),

@@ -9,6 +9,8 @@ An index directory::
     generations/NNNNNN  published FAISS checkpoints (see :mod:`index.generations`)
     uploads/            image bytes added through :meth:`IndexStore.add_upload`
     writer.lock         the single-writer lock
+    trained.faiss       optional: the empty, trained IVF every shard of a sharded build starts
+                        from (see :mod:`index.shards`); its sha256 is in store.json
 
 Opening loads the newest generation that verifies (falling back to older ones, then to a
 rebuild from the stored vectors) and replays the change log past it, so the in-memory index
@@ -40,6 +42,7 @@ from index.errors import CorruptIndexError, IndexStoreError, ModelMismatchError
 from index.locking import RWLock, WriterLock
 from index.metadata import DB_FILE, MetadataDB, validate_record
 from index.records import ImageRecord, SearchHit
+from models.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ UPLOADS_DIR = "uploads"
 DELETED_DIR = ".deleted"
 DELETED_GRACE_S = 600.0
 STORE_VERSION = 1
+TRAINED_FILE = "trained.faiss"
 #: Re-tune an ANN index at checkpoint when its size moved by more than this fraction.
 RETUNE_DRIFT = 0.2
 _EXT_RE = re.compile(r"^[a-z0-9]{1,8}$")
@@ -72,6 +76,29 @@ class _Filter:
     selector: faiss.IDSelector
     empty: bool = False  # nothing can match: skip the search
     keep: tuple = ()
+
+
+def _read_trained(path: Path, dim: int) -> tuple[faiss.Index, dict]:
+    """An empty trained FAISS index file and its sidecar ``<file>.json`` (factory, fingerprint...).
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    side = path.with_name(path.name + ".json")
+    if not path.is_file() or not side.is_file():
+        raise FileNotFoundError(f"{path}: no trained index here (with its {side.name}); make one with "
+                                "`lookalike index train-quantizer`")
+    try:
+        meta = json.loads(side.read_text())
+        index = faiss.read_index(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: unreadable trained index ({str(exc).splitlines()[0][:200]})") from None
+    if not index.is_trained or index.ntotal or index.d != dim or ann.nlist_of(index) is None:
+        raise ValueError(f"{path}: must be an empty, trained IVF index of dimension {dim} "
+                         f"(it is d={index.d}, ntotal={index.ntotal}, trained={index.is_trained})")
+    if sha256_file(path) != meta.get("sha256"):
+        raise ValueError(f"{path}: sha256 differs from {side.name} (replaced or corrupt)")
+    return index, meta
 
 
 def _card_fingerprint(card) -> str:
@@ -106,6 +133,13 @@ class IndexStore:
         self._factory = "Flat"
         self._tuning = ann.Tuning()
         self._seq = 0
+        self.max_ram: int | None = config.get("max_ram")
+        #: an on-disk index (``--on-disk``): read-only opens memory-map the IVF lists
+        self.on_disk: bool = bool(config.get("on_disk"))
+        self._mmap = False  # set by open(): map the lists of the generations loaded
+        self._mmapped = False  # the in-memory index's lists are mapped (read-only) right now
+        self._newest_seen = 0  # newest generation number present at the last load
+        self._trained: faiss.Index | None = None
         self._rw = RWLock()
         self._wmutex = threading.RLock()
         self._closed = False
@@ -113,12 +147,19 @@ class IndexStore:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def create(cls, directory: str | Path, *, card, images_root: str | Path | None, factory: str = "auto",
-               recall_target: float = 0.95, model_dir: str | Path | None = None) -> "IndexStore":
+               recall_target: float = 0.95, model_dir: str | Path | None = None, max_ram: int | None = None,
+               on_disk: bool = False, trained_from: str | Path | None = None,
+               extra: dict | None = None) -> "IndexStore":
         """Create a new, empty index for ``card``'s model and take the writer lock.
 
         ``images_root``: folder that ``source="folder"`` record paths are relative to.
         ``factory``: ``auto``, ``Flat`` or an IVF factory (see :mod:`index.ann`).
         ``model_dir``: remembered so the CLI can embed queries without ``--model``.
+        ``max_ram``: bytes the FAISS index may take; ``auto`` picks IVF-PQ above it.
+        ``on_disk``: read-only opens memory-map the IVF lists (replicas share the page cache).
+        ``trained_from``: an empty trained FAISS index (``lookalike index train-quantizer``):
+        copied in, and every FAISS index of this store starts from it (no training here).
+        ``extra``: more keys for store.json (a shard's identity, :mod:`index.shards`).
 
         Raises:
             FileExistsError: an index already exists there.
@@ -132,6 +173,12 @@ class IndexStore:
         if not 0.0 < recall_target <= 1.0:
             raise ValueError(f"recall_target must be in (0, 1], got {recall_target}")
         fp = _card_fingerprint(card)
+        trained = _read_trained(Path(trained_from), card.embedding_dim) if trained_from is not None else None
+        if trained is not None:
+            if trained[1].get("fingerprint") != fp:
+                raise ModelMismatchError(f"{trained_from}: trained for model fingerprint {trained[1].get('fingerprint')}, "
+                                         f"but the model given has fingerprint {fp}")
+            fac = trained[1]["factory"]
         d.mkdir(parents=True, exist_ok=True)
         lock = WriterLock(d)
         lock.acquire()
@@ -145,9 +192,17 @@ class IndexStore:
                 "factory": fac, "recall_target": float(recall_target), "metric": ann.METRIC_NAME,
                 "images_root": str(Path(images_root).resolve()) if images_root is not None else None,
                 "model_dir": str(Path(model_dir).resolve()) if model_dir is not None else None,
+                "max_ram": int(max_ram) if max_ram is not None else None, "on_disk": bool(on_disk),
+                **(extra or {}),
             }
+            if trained is not None:
+                gens.atomic_write_bytes(d / TRAINED_FILE, Path(trained_from).read_bytes())
+                gens.atomic_write_bytes(d / (TRAINED_FILE + ".json"), (json.dumps(trained[1]) + "\n").encode())
+                config["trained"] = {"file": TRAINED_FILE, "sha256": sha256_file(d / TRAINED_FILE),
+                                     "factory": fac}
             db = MetadataDB(d / DB_FILE, create=True)
             store = cls(d, config, db, lock=lock)
+            store._load_trained()
             store.checkpoint()  # generation 1: empty, so a reader can open at once
             # store.json last: its presence marks a completely created index
             gens.atomic_write_bytes(d / STORE_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -159,11 +214,13 @@ class IndexStore:
 
     @classmethod
     def open(cls, directory: str | Path, *, card=None, writable: bool = False,
-             images_root: str | Path | None = None) -> "IndexStore":
+             images_root: str | Path | None = None, mmap: bool | None = None) -> "IndexStore":
         """Open an index; with ``card`` its fingerprint must match; ``writable`` takes the lock.
 
         ``images_root`` overrides, for this process only, where the indexed folder's images are
         (e.g. where a container mounts them); the stored root is unchanged.
+        ``mmap``: memory-map the IVF lists of the generation loaded instead of reading them
+        into RAM (read-only opens only; default: when the index was built ``--on-disk``).
 
         Raises:
             FileNotFoundError: not an index.
@@ -194,6 +251,8 @@ class IndexStore:
             store = cls(d, config, MetadataDB(d / DB_FILE, readonly=not writable), lock=lock)
             if images_root is not None:
                 store.images_root = Path(images_root)
+            store._mmap = (store.on_disk if mmap is None else bool(mmap)) and not writable
+            store._load_trained()
             store._load()
             if writable:
                 store.sweep()
@@ -287,12 +346,13 @@ class IndexStore:
         index = None
         gen = None
         pruned = self.db.pruned_through()
+        self._newest_seen = max(gens.list_generations(self.directory), default=0)
         for number in gens.list_generations(self.directory):
             try:
                 g = gens.verify(self.directory, number, dim=self.dim, fingerprint=self.fingerprint)
                 if int(g.manifest.get("last_seq", -1)) < pruned:
                     raise CorruptIndexError(f"{g.path}: older than the change log kept (seq {pruned}); cannot replay")
-                index = gens.read_index(g)
+                index = gens.read_index(g, mmap=self._mmap)
                 gen = g
                 break
             except CorruptIndexError as exc:
@@ -313,6 +373,7 @@ class IndexStore:
                                   n_at_tuning=int(tuning.get("n_at_tuning", m["ntotal"])),
                                   curve=[tuple(x) for x in tuning.get("curve", [])])
         ann.set_params(index, self._tuning.params)
+        self._mmapped = self._mmap and ann.nlist_of(index) is not None
         self._index = index
         self._factory = m["factory"]
         self.generation = gen.number
@@ -324,6 +385,8 @@ class IndexStore:
         with self.db.snapshot() as con:
             deleted, ids, vecs, last = MetadataDB.changes_since(con, self._seq, self.dim)
             count = self.db.count(con)
+        if self._mmapped and (deleted or len(ids)):
+            self._unmap()
         with self._rw.write():
             if deleted:
                 self._index.remove_ids(np.asarray(deleted, dtype=np.int64))
@@ -344,9 +407,85 @@ class IndexStore:
             ids, vecs = MetadataDB.all_vectors(con, self.dim)
             seq = self.db.last_seq(con)
         factory = factory or self._desired_factory(len(ids))
-        index, tuning = ann.build(factory, vecs, ids, recall_target=self.recall_target)
+        trained = self._trained if self._trained is not None and factory == self._trained_factory() else None
+        index, tuning = ann.build(factory, vecs, ids, recall_target=self.recall_target, trained=trained)
         with self._rw.write():
             self._index, self._tuning, self._factory, self._seq = index, tuning, factory, seq
+            self._mmapped = False
+
+    # ------------------------------------------------------------------ trained template, on-disk lists
+    def _load_trained(self) -> None:
+        """Load ``trained.faiss`` (the shards' common trained empty index) if this index has one."""
+        meta = self._config.get("trained")
+        if not meta:
+            return
+        path = self.directory / meta.get("file", TRAINED_FILE)
+        if not path.is_file() or sha256_file(path) != meta.get("sha256"):
+            raise CorruptIndexError(f"{path}: missing or its sha256 differs from store.json; restore it from "
+                                    "the file given to --trained-from")
+        self._trained = faiss.read_index(str(path))
+
+    def _trained_factory(self) -> str | None:
+        return (self._config.get("trained") or {}).get("factory")
+
+    def _unmap(self) -> None:
+        """Read the memory-mapped IVF lists into RAM, so changes can be applied to them.
+
+        A mapped generation is read-only; a replica that must replay changes past it holds its
+        own copy until it loads the next generation (which it maps again).
+        """
+        path = gens.gen_path(self.directory, self.generation) / gens.INDEX_FILE
+        log.info("%s: copying the memory-mapped lists of generation %d into RAM to apply changes past it",
+                 self.directory, self.generation)
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError:  # the generation was pruned meanwhile: rebuild from the stored vectors
+            self._rebuild_from_db(self._factory)
+            return
+        ann.set_params(index, self._tuning.params)
+        with self._rw.write():
+            self._index, self._mmapped = index, False
+
+    def import_records(self, vectors: np.ndarray, records: list[dict], index: faiss.Index, factory: str) -> int:
+        """Fill an empty index with records and the FAISS index made for them, then publish it.
+
+        For :func:`index.shards.merge`: ``index`` (``factory``) already holds (N, D) float32
+        ``vectors`` under the ids 1..N that the records get here, in order (the metadata of a new
+        index numbers from 1). The records are written in durable batches, the index is tuned to
+        the recall target and published as a generation. Returns the generation number.
+
+        Raises:
+            IndexStoreError: the index is not empty, or the ids do not come out as 1..N.
+        """
+        self._require_writable()
+        n = len(records)
+        with self._wmutex:
+            if len(self) or self.db.count():
+                raise IndexStoreError(f"{self.directory}: records can only be imported into an empty index")
+            if index.ntotal != n or index.d != self.dim:
+                raise IndexStoreError(f"{self.directory}: FAISS index holds {index.ntotal} x {index.d}, "
+                                      f"expected {n} x {self.dim}")
+            v = self._check_vectors(vectors)
+            got: list[int] = []
+            for start in range(0, n, 10_000):
+                ids, _new, seq = self.db.add(v[start:start + 10_000],
+                                             [validate_record(r) for r in records[start:start + 10_000]])
+                got.extend(ids)
+            if got != list(range(1, n + 1)):
+                raise IndexStoreError(f"{self.directory}: imported records got ids {got[:3]}..., expected 1..{n} "
+                                      "(duplicate sha256 among them?)")
+            ids = np.arange(1, n + 1, dtype=np.int64)
+            rng = np.random.default_rng(n)
+            q_rows = rng.permutation(n)[: min(ann.TUNING_QUERIES, n // 10)]
+            ann.set_search_threads(os.cpu_count() or 1)
+            try:
+                tuning = ann.tune(index, v, ids, q_rows, recall_target=self.recall_target)
+            finally:
+                ann.set_search_threads(1)
+            with self._rw.write():
+                self._index, self._tuning, self._factory, self._seq = index, tuning, factory, seq
+                self._mmapped = False
+        return self.checkpoint()
 
     def refresh(self) -> int:
         """Catch up with changes committed by another process (for read-only opens).
@@ -355,8 +494,9 @@ class IndexStore:
         generations and pruned the log past what this store holds.
         """
         with self._wmutex:
-            if self.db.pruned_through() > self._seq:
-                self._load()
+            newer = self._mmap and max(gens.list_generations(self.directory), default=0) > self._newest_seen
+            if self.db.pruned_through() > self._seq or newer:
+                self._load()  # a memory-mapped replica swaps to the newest generation (mapped too)
                 return -1
             return self._replay()
 
@@ -495,6 +635,20 @@ class IndexStore:
 
     def get(self, id: int) -> ImageRecord | None:
         return self.db.get(id)
+
+    def folder_stats(self) -> dict[str, tuple[int, int, float, str]]:
+        """path -> (id, size, mtime, sha256) of every folder record (the batch job's skip list)."""
+        return self.db.folder_stats()
+
+    def shas_present(self, shas: Sequence[str]) -> dict[str, ImageRecord]:
+        """sha256 -> record, for the given hashes that are indexed."""
+        return self.db.shas_present(shas)
+
+    def touch(self, id: int, size: int, mtime: float) -> None:
+        """Record a new size/mtime for an image whose bytes did not change (no vector change)."""
+        self._require_writable()
+        with self._wmutex:
+            self.db.touch(id, size, mtime)
 
     def get_by_path(self, path: str, source: str = "folder") -> ImageRecord | None:
         return self.db.by_path(source, Path(path).as_posix())
@@ -654,8 +808,10 @@ class IndexStore:
 
     # ------------------------------------------------------------------ checkpoints
     def _desired_factory(self, n: int) -> str:
+        if self._trained is not None:  # a shard (or a merge of shards): the structure trained for all
+            return self._trained_factory()
         if self.factory_requested == "auto":
-            return ann.choose_factory("auto", n, self.dim)
+            return ann.choose_factory("auto", n, self.dim, max_ram=self.max_ram)
         if self.factory_requested == "Flat":
             return "Flat"
         nlist = ann.nlist_of(ann.empty_index(self.factory_requested, self.dim)) or 1
