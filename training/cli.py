@@ -60,11 +60,23 @@ def summary_line(result: dict, *, pretrained: bool) -> str:
     line = (f"R@1 on held-out test classes: {r1:.1f} ({what} {r0:.1f}, {r1 - r0:+.1f}), MAP@R {100 * fin['test/map@r']:.1f}"
             f"; kept epoch {result.get('epoch_chosen')} ({result.get('selected_on')}); model in {result['model']} "
             f"({result['total_seconds'] / 60:.1f} min)")
+    for warning in result.get("warnings", []):
+        line += f"\nwarning: {warning}"
+    line += skipped_lines(result.get("skipped_files", []))
     if r1 < r0:
         line += (f"\nwarning: training made test R@1 worse than {what}. Try a lower --optim.lr, fewer "
                  "--model.trainable_stages, --data.val_fraction 0.2 (keeps the best epoch on validation classes), "
                  "or a longer --budget")
     return line
+
+
+def skipped_lines(skipped: list[list[str]], *, most: int = 10) -> str:
+    """``"\nskipped N files ...: a (why), b (why)"`` naming at most ``most`` of them ("" when none)."""
+    if not skipped:
+        return ""
+    named = ", ".join(f"{path} ({reason.removeprefix(path + ': ')})" for path, reason in skipped[:most])
+    more = f", and {len(skipped) - most} more (eval.json lists them all)" if len(skipped) > most else ""
+    return f"\nskipped {len(skipped)} file{'s' * (len(skipped) != 1)} that are not readable images: {named}{more}"
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -73,7 +85,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from models.io import load_model, resolve_model_dir
     from training.config import TrainConfig, load_config
-    from training.data import ImageDataset, Split, make_splits, scan_image_folder, should_cache
+    from training.data import ImageDataset, Split, drop_unreadable, make_splits, scan_image_folder, should_cache
     from training.metrics import retrieval_metrics
     from training.report import read_history, write_report
     from training.trainer import embed_dataset, resolve_device, use_bf16
@@ -89,9 +101,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         split = Split([p for c in names for p in by_class[c]],
                       [i for i, c in enumerate(names) for _ in by_class[c]], names)
     else:
-        split = make_splits(args.data or data.root, train_classes=None if args.test_classes else data.train_classes,
-                            test_classes=args.test_classes or data.test_classes,
+        # the run wrote down its held-out classes (splits/test_classes.txt): evaluate exactly those
+        written = run_dir / "splits" / "test_classes.txt" if run_dir else None
+        test_classes = args.test_classes or (str(written.resolve()) if written and written.is_file() else None)
+        split = make_splits(args.data or data.root, train_classes=None if test_classes else data.train_classes,
+                            test_classes=test_classes or data.test_classes,
                             test_fraction=data.test_fraction, seed=data.split_seed)["test"]
+    split = drop_unreadable({"test": split})["test"]
     model = load_model(model_dir)
     device = resolve_device(args.device)
     bf16 = use_bf16("none" if args.fp32 else "auto", device)

@@ -35,7 +35,8 @@ from models.net import EmbeddingNet
 from training.budget import plan_steps
 from training.checkpoint import load_checkpoint, restore, save_checkpoint
 from training.config import TrainConfig, dump_config
-from training.data import ImageDataset, PKSampler, make_splits, should_cache
+from training.data import (ImageDataset, PKSampler, choose_p, drop_unreadable, make_splits, should_cache,
+                           too_small_warning)
 from training.featcache import autocast_forward, build_cache
 from training.losses import build_loss
 from training.metrics import retrieval_metrics
@@ -337,11 +338,13 @@ def card_from_config(cfg: TrainConfig) -> ModelCard:
     )
 
 
-def splits_from_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The class-disjoint train / (val) / test splits the config describes."""
+def splits_from_config(cfg: TrainConfig, skipped: list | None = None) -> dict[str, Any]:
+    """The class-disjoint train / (val) / test splits the config describes, without the files
+    that are not readable images (appended to ``skipped`` as ``(path, reason)``)."""
     d = cfg.data
-    return make_splits(d.root, train_classes=d.train_classes, test_classes=d.test_classes,
-                       test_fraction=d.test_fraction, val_fraction=d.val_fraction, seed=d.split_seed)
+    splits = make_splits(d.root, train_classes=d.train_classes, test_classes=d.test_classes,
+                         test_fraction=d.test_fraction, val_fraction=d.val_fraction, seed=d.split_seed, skipped=skipped)
+    return drop_unreadable(splits, workers=max(1, d.workers), skipped=skipped)
 
 
 def train_dataset(cfg: TrainConfig, split, card: ModelCard, *, cache: bool) -> ImageDataset:
@@ -450,7 +453,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     device = resolve_device(cfg.device)
     bf16 = use_bf16(cfg.amp, device)
 
-    splits = splits_from_config(cfg)
+    skipped: list = []
+    splits = splits_from_config(cfg, skipped)
+    small = too_small_warning(len(splits["train"].classes), len(splits["train"]))
+    if small:
+        log.warning("%s", small)
     (run / "splits").mkdir(exist_ok=True)
     for name, split in splits.items():  # the class split, for indexing/evaluating exactly the held-out classes
         (run / "splits" / f"{name}_classes.txt").write_text("\n".join(split.classes) + "\n")
@@ -476,12 +483,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if cfg.data.sampler == "confusable":
         from training.confusable import ConfusablePKSampler
 
-        sampler = ConfusablePKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
+        sampler = ConfusablePKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels), cfg.data.k,
                                       batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed,
                                       group=cfg.data.confusable_group,
                                       random_share=cfg.data.confusable_random_share)
     else:
-        sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
+        sampler = PKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels), cfg.data.k,
                             batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
     if cached:
         views = views_that_fit(model, card, splits, device, max_views=cfg.data.cached_views,
@@ -690,6 +697,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         "bf16": bf16,
         "untrained": {k: v for k, v in start.items() if k != "epoch"},
         "final": {k: v for k, v in final.items() if k.startswith(("test/", "val/"))},
+        "skipped_files": [[str(p), reason] for p, reason in skipped],
+        **({"warnings": [small]} if small else {}),
     }
     (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
