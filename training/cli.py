@@ -12,16 +12,26 @@ import sys
 from pathlib import Path
 
 
+def _fill(text: str) -> str:
+    """``text`` wrapped for a help screen (RawDescriptionHelpFormatter keeps the examples' layout)."""
+    import textwrap
+
+    return textwrap.fill(text, 88)
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from training.config import flat_fields
+    from training.config import flat_fields, field_help
 
     p.add_argument("--config", help="YAML training config (default: the default recipe, training/configs/default.yaml; "
                                     "training/configs/scratch.yaml trains from random weights)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (repeatable)")
-    g = p.add_argument_group("config fields (each overrides the YAML)")
+    g = p.add_argument_group(
+        "config fields",
+        _fill("Each flag overrides the YAML (the default recipe's values are in training/configs/default.yaml; a field "
+        "absent from the YAML takes its field default). Values are read as YAML: null means none (Python None), "
+        "true/false are booleans."))
     for name, info in flat_fields().items():
-        g.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar="V",
-                       help=(info.description or "") + f" (default: {info.default})")
+        g.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar="V", help=field_help(info))
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -42,6 +52,7 @@ def _config_from_args(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)  # validated before torch is imported
+    _wire(args)
     from training.trainer import train
 
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -79,7 +90,16 @@ def skipped_lines(skipped: list[list[str]], *, most: int = 10) -> str:
     return f"\nskipped {len(skipped)} file{'s' * (len(skipped) != 1)} that are not readable images: {named}{more}"
 
 
+def _wire(args: argparse.Namespace) -> None:
+    """Let training read relevance feedback from an index: the ``lookalike`` command hands over
+    the reader (training does not import index) as ``args.wire_feedback``."""
+    wire = getattr(args, "wire_feedback", None)
+    if wire is not None:
+        wire()
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    _wire(args)
     import numpy as np
     import torch
 
@@ -146,6 +166,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     from training.lr_find import lr_range_test
 
     cfg = _config_from_args(args)
+    _wire(args)
     res = lr_range_test(cfg, lr_min=args.min_lr, lr_max=args.max_lr, steps=args.steps, out_png=args.plot)
     print(json.dumps({k: res[k] for k in ("suggested_lr", "steepest_lr", "min_loss_lr")} | {"plot": args.plot}, indent=2))
     return 0
@@ -180,7 +201,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train an embedding model on an ImageFolder dataset")
+    p = sub.add_parser(
+        "train", help="train an embedding model on an ImageFolder dataset",
+        usage="lookalike train [--config YAML] [--section.field VALUE ...] [--out DIR] [--resume] [--feedback INDEX]",
+        description=_fill("Train an embedding on a folder with one sub-folder of images per class. Classes are held out "
+                    "for testing (class lists, or a seeded data.test_fraction), the run starts from the pretrained "
+                    "model (epoch 0, zero-shot), keeps the best epoch on validation classes, and ends with one line: "
+                    "R@1 on the held-out classes against zero-shot. Unreadable files are skipped and named."),
+        epilog="examples:\n"
+               "  lookalike train --data.root photos/ --out runs/mine                 the default recipe (8-minute budget)\n"
+               "  lookalike train --data.root photos/ --out runs/mine --budget 30m    a longer budget\n"
+               "  lookalike train --data.root photos/ --out runs/t --loss.name triplet --loss.miner batch_hard\n"
+               "  lookalike train --config training/configs/scratch.yaml --data.root photos/ --out runs/s\n"
+               "  lookalike train --out runs/mine --resume                            continue an interrupted run\n"
+               "  lookalike train --set data.train_classes=null --data.root photos/   null means none (Python None)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="resume the run in --out from its last checkpoint")
     p.add_argument("--feedback", metavar="INDEX",
@@ -189,23 +224,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="retrieval metrics on held-out classes + a report (PNG/HTML)")
+    p = sub.add_parser(
+        "eval", help="retrieval metrics on held-out classes + a report (PNG/HTML)",
+        description="Score a model by leave-one-out retrieval (R@K, MAP@R) on the run's held-out test classes, "
+                    "or on every class of --data, and write report.png / report.html.",
+        epilog="examples:\n  lookalike eval --model runs/mine\n  lookalike eval --model models/lite0 --data photos/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="run or model directory")
     p.add_argument("--data", help="dataset root (default: the run's)")
     p.add_argument("--test-classes", help="file listing the classes to evaluate (default: the run's test classes)")
     p.add_argument("--out", help="report directory (default: <run>/report)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N")
     p.add_argument("--fp32", action="store_true", help="embed in float32 (default: bf16 where supported)")
     p.add_argument("--feedback", metavar="INDEX",
                    help="also report how many of INDEX's 'wrong' marks the model still ranks above a right result")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("lr-find", help="LR range test: plot loss vs learning rate and suggest one")
+    p = sub.add_parser(
+        "lr-find", help="LR range test: plot loss vs learning rate and suggest one",
+        description="Raise the learning rate exponentially over --steps batches of the training config, plot the "
+                    "loss against it and suggest a learning rate (then pass it as --optim.lr to train).",
+        epilog="example:\n  lookalike lr-find --data.root photos/ --plot lr.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_flags(p)
     p.add_argument("--plot", default="lr_find.png", help="PNG plot path")
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--max-lr", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--min-lr", type=float, default=1e-6, help="first learning rate (default 1e-6)")
+    p.add_argument("--max-lr", type=float, default=1.0, help="last learning rate (default 1)")
+    p.add_argument("--steps", type=int, default=100, help="batches in the sweep (default 100)")
     p.set_defaults(func=_cmd_lr_find)
 
     p = sub.add_parser(

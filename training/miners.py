@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .distances import Metric, check_metric, gather_pairs, pairwise_distances
+from .registry import MINERS
 
 log = logging.getLogger(__name__)
 
@@ -332,12 +333,6 @@ class BatchAllMiner(_MarginMiner):
         return d_ap - d_an + self.margin > 0
 
 
-MINERS: dict[str, type[BaseMiner]] = {
-    "batch_hard": BatchHardMiner,
-    "semi_hard": SemiHardMiner,
-    "hard": HardMiner,
-    "batch_all": BatchAllMiner,
-}
 
 
 def build_miner(name: str | None, **kwargs: Any) -> BaseMiner | None:

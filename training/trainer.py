@@ -35,16 +35,16 @@ from models.net import EmbeddingNet
 from training.budget import plan_steps
 from training.checkpoint import load_checkpoint, restore, save_checkpoint
 from training.config import TrainConfig, dump_config
-from training.data import (ImageDataset, PKSampler, choose_p, drop_unreadable, make_splits, should_cache,
-                           too_small_warning)
+from training.data import (ImageDataset, PKSampler, choose_p, class_lists_present, drop_unreadable, make_splits,
+                           should_cache, too_small_warning)
 from training.featcache import autocast_forward, build_cache
 from training.losses import build_loss
 from training.metrics import retrieval_metrics
 from training.miners import build_miner
+from training.registry import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamw")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -342,7 +342,12 @@ def splits_from_config(cfg: TrainConfig, skipped: list | None = None) -> dict[st
     """The class-disjoint train / (val) / test splits the config describes, without the files
     that are not readable images (appended to ``skipped`` as ``(path, reason)``)."""
     d = cfg.data
-    splits = make_splits(d.root, train_classes=d.train_classes, test_classes=d.test_classes,
+    lists = class_lists_present(d.root, d.train_classes, d.test_classes)
+    if not lists and (d.train_classes or d.test_classes):
+        log.info("%s has no class lists (%s, %s): holding out %.0f%% of the classes (seed %d); the split is written "
+                 "to the run's splits/", d.root, d.train_classes, d.test_classes, 100 * d.test_fraction, d.split_seed)
+    splits = make_splits(d.root, train_classes=d.train_classes if lists else None,
+                         test_classes=d.test_classes if lists else None,
                          test_fraction=d.test_fraction, val_fraction=d.val_fraction, seed=d.split_seed, skipped=skipped)
     return drop_unreadable(splits, workers=max(1, d.workers), skipped=skipped)
 
