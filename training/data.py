@@ -86,6 +86,16 @@ def _read_class_list(root: Path, rel: str) -> list[str]:
     return names
 
 
+def class_lists_present(root: str | Path, train_classes: str | None, test_classes: str | None) -> bool:
+    """Whether the dataset has the class list files named (False when none is named or none exists).
+
+    A dataset without them (any folder of class sub-folders) is split by ``test_fraction``
+    instead; naming one list that exists and one that does not is still an error (in
+    :func:`make_splits`)."""
+    names = [n for n in (train_classes, test_classes) if n]
+    return any((Path(n) if Path(n).is_absolute() else Path(root) / n).is_file() for n in names)
+
+
 def make_splits(
     root: str | Path,
     *,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_image_folder
-from training.data import choose_p, drop_unreadable, make_splits, too_small_warning
+from training.data import choose_p, class_lists_present, drop_unreadable, make_splits, too_small_warning
 
 
 def _messy_folder(root: Path) -> Path:
@@ -62,3 +62,11 @@ def test_p_follows_the_number_of_classes(caplog):
 def test_too_small_warning():
     assert too_small_warning(3, 60) is not None
     assert too_small_warning(46, 2700) is None
+
+
+def test_class_lists_present(tmp_path):
+    root = make_image_folder(tmp_path / "data", n_classes=4, per_class=2, size=16)
+    assert not class_lists_present(root, "splits/cub_train_classes.txt", "splits/cub_test_classes.txt")
+    assert not class_lists_present(root, None, None)
+    (root / "test.txt").write_text("class_00\n")
+    assert class_lists_present(root, "splits/train.txt", "test.txt")
