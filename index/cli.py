@@ -125,6 +125,8 @@ def _ingest(store, model: str, images: str, args) -> int:
                           include=_read_classes(args.classes), batch_size=args.batch_size, workers=args.workers,
                           draft=not args.no_draft, progress=not args.no_progress, threads=args.threads,
                           log_path=args.log)
+    if report.seen == 0:
+        raise ValueError(f"{images}: no image files found (JPEG, PNG, WebP, GIF, ...); nothing was indexed")
     print(report.summary())
     for rel, code, reason in report.failures[:20]:
         print(f"  failed: {rel}: {reason} ({code})")
@@ -147,6 +149,10 @@ def cmd_build(args) -> int:
     images = Path(args.images)
     if not images.is_dir():
         raise FileNotFoundError(f"{images}: no such image folder")
+    from index.ingest import IMAGE_SUFFIXES
+
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.rglob("*") if not p.name.startswith(".")):
+        raise ValueError(f"{images}: no image files found (JPEG, PNG, WebP, GIF, ...); nothing to index")
     out = Path(args.out)
     if (out / STORE_FILE).is_file():
         store = IndexStore.open(out, card=card, writable=True)

@@ -29,6 +29,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def check_model_matches_index(model_dir, index_dir) -> None:
+    """Refuse, in one line naming both models, an index built with another model (before the
+    server starts, so the user sees no start-up traceback). Other problems are left to the server."""
+    import json
+    from pathlib import Path
+
+    from index.errors import ModelMismatchError
+    from index.store import STORE_FILE
+    from models.io import load_card
+
+    if model_dir is None or index_dir is None or not (Path(index_dir) / STORE_FILE).is_file():
+        return
+    try:
+        built = json.loads((Path(index_dir) / STORE_FILE).read_text())
+        card = load_card(model_dir, verify=False)
+    except (OSError, ValueError):
+        return
+    if built.get("fingerprint") and card.fingerprint and built["fingerprint"] != card.fingerprint:
+        raise ModelMismatchError(
+            f"{index_dir} was built with the model {built.get('model_dir') or '(path not recorded)'} "
+            f"(fingerprint {built['fingerprint'][:12]}), not with {Path(model_dir).resolve()} (fingerprint "
+            f"{card.fingerprint[:12]}): serve it with that model, or build a new index with this one")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from service.server import load_settings, reexec_clean, run, torch_imported_here
 
@@ -42,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.access_log:
         overrides["access_log"] = True
     settings = load_settings(**overrides)  # bad settings are reported here, before any exec
+    check_model_matches_index(settings.model_dir, settings.index_dir)
     if torch_imported_here() and not args.no_reexec:
         if getattr(args, "verbose", False):
             os.environ["LOOKALIKE_LOG"] = "DEBUG"
