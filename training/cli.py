@@ -19,6 +19,14 @@ def _fill(text: str) -> str:
     return textwrap.fill(text, 88)
 
 
+def _command(sub: argparse._SubParsersAction, name: str, *, help: str, description: str, examples: list[str],
+             usage: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows a wrapped description and its examples as written."""
+    return sub.add_parser(name, help=help, usage=usage, description=_fill(description),
+                          epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from training.config import flat_fields, field_help
 
@@ -201,21 +209,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train an embedding model on an ImageFolder dataset",
+    p = _command(
+        sub, "train", help="train an embedding model on an ImageFolder dataset",
         usage="lookalike train [--config YAML] [--section.field VALUE ...] [--out DIR] [--resume] [--feedback INDEX]",
-        description=_fill("Train an embedding on a folder with one sub-folder of images per class. Classes are held out "
+        description="Train an embedding on a folder with one sub-folder of images per class. Classes are held out "
                     "for testing (class lists, or a seeded data.test_fraction), the run starts from the pretrained "
                     "model (epoch 0, zero-shot), keeps the best epoch on validation classes, and ends with one line: "
-                    "R@1 on the held-out classes against zero-shot. Unreadable files are skipped and named."),
-        epilog="examples:\n"
-               "  lookalike train --data.root photos/ --out runs/mine                 the default recipe (8-minute budget)\n"
-               "  lookalike train --data.root photos/ --out runs/mine --budget 30m    a longer budget\n"
-               "  lookalike train --data.root photos/ --out runs/t --loss.name triplet --loss.miner batch_hard\n"
-               "  lookalike train --config training/configs/scratch.yaml --data.root photos/ --out runs/s\n"
-               "  lookalike train --out runs/mine --resume                            continue an interrupted run\n"
-               "  lookalike train --set data.train_classes=null --data.root photos/   null means none (Python None)",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "R@1 on the held-out classes against zero-shot. Unreadable files are skipped and named.",
+        examples=["lookalike train --data.root photos/ --out runs/mine                 the default recipe (8-minute budget)",
+                  "lookalike train --data.root photos/ --out runs/mine --budget 30m    a longer budget",
+                  "lookalike train --data.root photos/ --out runs/t --loss.name triplet --loss.miner batch_hard",
+                  "lookalike train --config training/configs/scratch.yaml --data.root photos/ --out runs/s",
+                  "lookalike train --out runs/mine --resume                            continue an interrupted run",
+                  "lookalike train --set data.train_classes=null --data.root photos/   null means none (Python None)"])
     _add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="resume the run in --out from its last checkpoint")
     p.add_argument("--feedback", metavar="INDEX",
@@ -224,12 +230,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser(
-        "eval", help="retrieval metrics on held-out classes + a report (PNG/HTML)",
+    p = _command(
+        sub, "eval", help="retrieval metrics on held-out classes + a report (PNG/HTML)",
         description="Score a model by leave-one-out retrieval (R@K, MAP@R) on the run's held-out test classes, "
                     "or on every class of --data, and write report.png / report.html.",
-        epilog="examples:\n  lookalike eval --model runs/mine\n  lookalike eval --model models/lite0 --data photos/",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=["lookalike eval --model runs/mine", "lookalike eval --model models/lite0 --data photos/"])
     p.add_argument("--model", required=True, help="run or model directory")
     p.add_argument("--data", help="dataset root (default: the run's)")
     p.add_argument("--test-classes", help="file listing the classes to evaluate (default: the run's test classes)")
@@ -240,12 +245,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also report how many of INDEX's 'wrong' marks the model still ranks above a right result")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser(
-        "lr-find", help="LR range test: plot loss vs learning rate and suggest one",
+    p = _command(
+        sub, "lr-find", help="LR range test: plot loss vs learning rate and suggest one",
         description="Raise the learning rate exponentially over --steps batches of the training config, plot the "
                     "loss against it and suggest a learning rate (then pass it as --optim.lr to train).",
-        epilog="example:\n  lookalike lr-find --data.root photos/ --plot lr.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=["lookalike lr-find --data.root photos/ --plot lr.png"])
     _add_config_flags(p)
     p.add_argument("--plot", default="lr_find.png", help="PNG plot path")
     p.add_argument("--min-lr", type=float, default=1e-6, help="first learning rate (default 1e-6)")
