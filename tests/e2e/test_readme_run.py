@@ -1,0 +1,46 @@
+"""The README is executed: every ```bash and ```python block, in order, in one bash session.
+
+The convention (which blocks run, the ``readme-test`` directives, the stand-ins for the user's
+files and for long steps) is documented in :mod:`tests.readme_blocks`. A README command that
+fails fails this test, which names the block's line and prints the session's output tail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests import readme_blocks as rb
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(1500)
+def test_readme_runs(tmp_path, artifacts_dir):
+    work = tmp_path / "repo"
+    work.mkdir()
+    rb.scratch_copy(work)
+    data = rb.stand_ins(work)
+    port = rb.free_port()
+    blocks = rb.parse((rb.REPO / "README.md").read_text())
+    text, notes = rb.script(blocks, rb.substitutions(data, port), podman_skip=rb.podman_reason())
+    (tmp_path / "readme.sh").write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOKALIKE_", "PYTEST_", "VIRTUAL_ENV"))}
+    env.update(NO_SERVE="1", BUDGET=rb.BUDGET, LOOKALIKE_LOG="WARNING",
+               PYTEST_ADDOPTS="tests/unit/test_cli_imports.py -q -p no:cacheprovider")
+    if os.environ.get("LOOKALIKE_CACHE_DIR"):
+        env["LOOKALIKE_CACHE_DIR"] = os.environ["LOOKALIKE_CACHE_DIR"]
+    env.update(rb.podman_env())
+    p = subprocess.run(["bash", str(tmp_path / "readme.sh")], cwd=work, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=1450)
+    log = "\n".join(["stand-ins:", *rb.SUBSTITUTIONS, "not run:", *notes, "", p.stdout])
+    (artifacts_dir / "readme_run.log").write_text(log)  # the whole session, for CI's artifacts
+    print("\n".join(["stand-ins:", *rb.SUBSTITUTIONS, "not run:", *notes]))
+    print(p.stdout[-8000:])
+    assert p.returncode == 0, f"a README block failed (exit {p.returncode}):\n{p.stdout[-6000:]}"
+    assert "README runner: every block passed" in p.stdout
+    # the first run on a messy folder said how good it is and named the bad files
+    assert "R@1 on held-out test classes" in p.stdout
+    assert "broken.jpg" in p.stdout and "notes.txt" in p.stdout
