@@ -146,7 +146,7 @@ def substitutions(data: Path, port: int) -> list[tuple[str, str]]:
         (r"--budget \S+", f"--budget {BUDGET}"),
         (r"--epochs \d+", "--epochs 1"),
         (r"--steps \d+", "--steps 10"),
-        (r"\b8000\b", str(port)),
+        (r"(?<!\d{4}:)\b8000\b", str(port)),  # not a container's own port (-p 127.0.0.1:8000:8000)
     ]
 
 

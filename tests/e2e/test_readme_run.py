@@ -44,3 +44,14 @@ def test_readme_runs(tmp_path, artifacts_dir):
     # the first run on a messy folder said how good it is and named the bad files
     assert "R@1 on held-out test classes" in p.stdout
     assert "broken.jpg" in p.stdout and "notes.txt" in p.stdout
+
+    # the quick start run again: training, export, the report and the index are up to date
+    outputs = [work / "runs/demo" / f for f in ("model/model.onnx", "report/report.html", ".demo-indexed")]
+    before = [f.stat().st_mtime_ns for f in outputs]
+    again = subprocess.run(["bash", "-c", f"DATA={data} scripts/demo"], cwd=work, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=600)
+    print(again.stdout[-3000:])
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "runs/demo is already trained" in again.stdout and "runs/demo/index is up to date" in again.stdout
+    assert [f.stat().st_mtime_ns for f in outputs] == before  # no export, no eval, no indexing
+    assert "R@1 on held-out test classes" in again.stdout

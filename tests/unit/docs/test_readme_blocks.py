@@ -60,6 +60,8 @@ def test_directives_and_substitutions(tmp_path):
     assert notes == ["line 3: skipped: takes an hour"] and "sleep 3600" not in script
     assert "export A=1\n" in script and "lookalike serve --port 9999 \\\n  --index i &\n" in script
     assert "readme_wait http://127.0.0.1:9999/readyz" in script and "not run" not in script
+    podman = rb.parse("```bash\npodman run -d -p 127.0.0.1:8000:8000 img\n```\n")
+    assert "-p 127.0.0.1:9999:8000 img" in rb.script(podman, rb.substitutions(tmp_path, 9999), podman_skip=None)[0]
     with pytest.raises(ValueError, match="unknown readme-test directive"):
         rb.parse("<!-- readme-test: later -->\n```bash\ntrue\n```\n")
 
