@@ -429,7 +429,7 @@ class TripletLoss(BaseMetricLoss):
 
 
 def build_loss(name: str, **kwargs: Any) -> BaseMetricLoss:
-    """Build a loss by name (``"contrastive"`` or ``"triplet"``) with keyword arguments.
+    """Build a loss by its name in :data:`training.registry.LOSSES` with keyword arguments.
 
     Raises:
         ValueError: unknown name (naming the allowed set) or bad arguments.

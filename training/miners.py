@@ -336,7 +336,7 @@ class BatchAllMiner(_MarginMiner):
 
 
 def build_miner(name: str | None, **kwargs: Any) -> BaseMiner | None:
-    """Build a miner by name: ``"batch_hard"``, ``"semi_hard"``, ``"hard"``, ``"batch_all"``;
+    """Build a miner by its name in :data:`training.registry.MINERS`;
     ``None`` or ``"none"`` -> None (the loss then uses every pair / triplet of the batch).
 
     Keyword arguments go to the miner (``distance=...``, ``margin=...``).
