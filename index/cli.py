@@ -34,8 +34,17 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("index", help="build, grow and query a FAISS index of image embeddings",
-                              description="Persistent FAISS index of image embeddings (cosine similarity).")
+    p = subparsers.add_parser(
+        "index", help="build, grow and query a FAISS index of image embeddings",
+        description="Persistent FAISS index of image embeddings (cosine similarity).\nJobs are resumable: re-run "
+                    "one after an interruption and every image is indexed once.\nRun 'lookalike index ACTION --help' for an action's options.",
+        epilog="examples:\n"
+               "  lookalike index build --model runs/demo --images photos/ --out my-index --labels-from-folders\n"
+               "  lookalike index add my-index --images photos/more/\n"
+               "  lookalike index search my-index query.jpg -k 10\n"
+               "  lookalike index info my-index\n"
+               "  lookalike index snapshot my-index backup.tar",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     b = sub.add_parser("build", help="create an index from a folder of images (re-run resumes it)")

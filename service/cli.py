@@ -13,6 +13,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve the REST API (/v1/search, /v1/images, /v1/index, /healthz, /readyz, /metrics, /docs) "
         "and the search page (/). Every setting is also read from LOOKALIKE_<NAME> environment variables "
         "(e.g. LOOKALIKE_API_KEY); flags given here override them.",
+        epilog="examples:\n"
+        "  export LOOKALIKE_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(24))')\n"
+        "  lookalike serve --model runs/demo --index runs/demo/index            writes need the key (16+ characters)\n"
+        "  lookalike serve --model models/lite0 --index my-index --read-only    no key, no writes\n"
+        "  LOOKALIKE_IMAGES_ROOT=/mnt/photos lookalike serve ...               images moved since indexing",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", dest="model_dir", help="model or training-run directory (LOOKALIKE_MODEL_DIR)")
     p.add_argument("--index", dest="index_dir", help="index directory (LOOKALIKE_INDEX_DIR)")
