@@ -8,6 +8,7 @@ fails fails this test, which names the block's line and prints the session's out
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -17,7 +18,20 @@ from tests import readme_blocks as rb
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.timeout(1500)
+def _run_session(cmd: list[str], *, cwd, env, timeout: float) -> subprocess.CompletedProcess:
+    """Run the session in its own process group; on timeout stop all of it (background servers too)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate()
+        pytest.fail(f"the README session ran over {timeout:.0f} s; its output:\n{out[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+@pytest.mark.timeout(2400)
 def test_readme_runs(tmp_path, artifacts_dir):
     work = tmp_path / "repo"
     work.mkdir()
@@ -33,8 +47,7 @@ def test_readme_runs(tmp_path, artifacts_dir):
     if os.environ.get("LOOKALIKE_CACHE_DIR"):
         env["LOOKALIKE_CACHE_DIR"] = os.environ["LOOKALIKE_CACHE_DIR"]
     env.update(rb.podman_env())
-    p = subprocess.run(["bash", str(tmp_path / "readme.sh")], cwd=work, env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=1450)
+    p = _run_session(["bash", str(tmp_path / "readme.sh")], cwd=work, env=env, timeout=2300)
     log = "\n".join(["stand-ins:", *rb.SUBSTITUTIONS, "not run:", *notes, "", p.stdout])
     (artifacts_dir / "readme_run.log").write_text(log)  # the whole session, for CI's artifacts
     print("\n".join(["stand-ins:", *rb.SUBSTITUTIONS, "not run:", *notes]))
