@@ -50,8 +50,17 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("index", help="build, grow and query a FAISS index of image embeddings",
-                              description="Persistent FAISS index of image embeddings (cosine similarity).")
+    p = subparsers.add_parser(
+        "index", help="build, grow and query a FAISS index of image embeddings",
+        description="Persistent FAISS index of image embeddings (cosine similarity).\nJobs are resumable: re-run "
+                    "one after an interruption and every image is indexed once.\nRun 'lookalike index ACTION --help' for an action's options.",
+        epilog="examples:\n"
+               "  lookalike index build --model runs/demo --images photos/ --out my-index --labels-from-folders\n"
+               "  lookalike index add my-index --images photos/more/\n"
+               "  lookalike index search my-index query.jpg -k 10\n"
+               "  lookalike index info my-index\n"
+               "  lookalike index snapshot my-index backup.tar",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     b = sub.add_parser("build", help="create an index from a folder of images (re-run resumes it)")
@@ -168,6 +177,8 @@ def _ingest(store, model: str, images: str, args, shard: tuple[int, int] | None 
                           include=_read_classes(args.classes), batch_size=args.batch_size, workers=args.workers,
                           draft=not args.no_draft, progress=not args.no_progress, threads=args.threads,
                           log_path=args.log, shard=shard)
+    if report.seen == 0:
+        raise ValueError(f"{images}: no image files found (JPEG, PNG, WebP, GIF, ...); nothing was indexed")
     print(report.summary())
     for rel, code, reason in report.failures[:20]:
         print(f"  failed: {rel}: {reason} ({code})")
@@ -193,6 +204,10 @@ def cmd_build(args) -> int:
     if not images.is_dir():
         raise FileNotFoundError(f"{images}: no such image folder")
     shard = parse_shard(args.shard) if args.shard else shard_from_env()
+    from index.ingest import IMAGE_SUFFIXES
+
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.rglob("*") if not p.name.startswith(".")):
+        raise ValueError(f"{images}: no image files found (JPEG, PNG, WebP, GIF, ...); nothing to index")
     out = Path(args.out)
     if shard is not None:
         out = shard_dir(out, shard)

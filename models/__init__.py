@@ -11,10 +11,10 @@ from models.preprocess import Preprocess
 
 _LAZY = {
     "EmbeddingNet": "models.net",
-    "ACTIVATIONS": "models.net",
+    "ACTIVATIONS": "models.registry",
     "build_activation": "models.net",
     "build_backbone": "models.backbones",
-    "available_backbones": "models.backbones",
+    "available_backbones": "models.registry",
     "save_model": "models.io",
     "load_model": "models.io",
     "load_card": "models.io",

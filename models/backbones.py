@@ -27,6 +27,8 @@ import torch
 import torchvision
 from torch import nn
 
+from models.registry import TORCHVISION_BACKBONES, available_backbones
+
 log = logging.getLogger(__name__)
 
 
@@ -62,24 +64,13 @@ def _strip_vit(m: nn.Module) -> int:
     return dim
 
 
-tvm = torchvision.models
-_REGISTRY: dict[str, _Spec] = {
-    "resnet18": _Spec(tvm.resnet18, tvm.ResNet18_Weights, _strip_fc),
-    "resnet34": _Spec(tvm.resnet34, tvm.ResNet34_Weights, _strip_fc),
-    "resnet50": _Spec(tvm.resnet50, tvm.ResNet50_Weights, _strip_fc),
-    "efficientnet_b0": _Spec(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights, _strip_efficientnet),
-    "mobilenet_v3_large": _Spec(tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights, _strip_classifier_last),
-    "mobilenet_v3_small": _Spec(tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights, _strip_classifier_last),
-    "convnext_tiny": _Spec(tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights, _strip_classifier_last),
-    "vit_b_16": _Spec(tvm.vit_b_16, tvm.ViT_B_16_Weights, _strip_vit),
+_STRIPS: dict[str, Callable[[nn.Module], int]] = {
+    "fc": _strip_fc, "classifier_last": _strip_classifier_last, "efficientnet": _strip_efficientnet, "vit": _strip_vit,
 }
-
-
-def available_backbones() -> list[str]:
-    """Names accepted by :func:`build_backbone`."""
-    from models.pretrained import SHIPPED
-
-    return sorted([*_REGISTRY, *SHIPPED])
+_REGISTRY: dict[str, _Spec] = {
+    name: _Spec(getattr(torchvision.models, builder), getattr(torchvision.models, weights), _STRIPS[strip])
+    for name, (builder, weights, strip) in TORCHVISION_BACKBONES.items()
+}
 
 
 def backbone_defaults(name: str) -> dict:

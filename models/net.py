@@ -8,27 +8,11 @@ from torch import nn
 
 from models.backbones import build_backbone, split_backbone
 from models.card import ModelCard
-
-#: Projection heads, by name: ``none`` embeds the backbone's pooled features themselves
-#: (D = feature_dim), which is what a pretrained backbone's zero-shot embedding is.
-HEADS = ("none", "linear", "mlp")
-
-#: Head activations, by name (from the seed lecture).
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "prelu": nn.PReLU,
-    "relu6": nn.ReLU6,
-    "softplus": nn.Softplus,
-    "gelu": nn.GELU,
-}
-
+from models.registry import ACTIVATIONS, HEADS
 
 def build_activation(name: str) -> nn.Module:
     """Activation module by name; raises ValueError naming the allowed set."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; allowed: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS.require(name)()
 
 
 class EmbeddingNet(nn.Module):

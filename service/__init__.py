@@ -2,10 +2,13 @@
 collections, each an index with its model).
 
 ``create_app(settings=None) -> FastAPI``; ``Settings`` (env prefix ``LOOKALIKE_``);
-``lookalike serve`` runs it with uvicorn.
+``lookalike serve`` runs it with uvicorn. Both load lazily, so the ``lookalike`` command's
+parser (and a config error of another subcommand) does not pay for FastAPI and FAISS.
 """
 
-from service.app import create_app
-from service.settings import CollectionConfig, Settings
+from models.lazy import lazy_getattr
+
+_LAZY = {"create_app": "service.app", "Settings": "service.settings", "CollectionConfig": "service.settings"}
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = ["CollectionConfig", "Settings", "create_app"]

@@ -13,6 +13,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve the REST API (/v1/search, /v1/images, /v1/index, /v1/collections, /healthz, /readyz, "
         "/metrics, /docs) and the search page (/). Every setting is also read from LOOKALIKE_<NAME> environment variables "
         "(e.g. LOOKALIKE_API_KEY); flags given here override them.",
+        epilog="examples:\n"
+        "  export LOOKALIKE_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(24))')\n"
+        "  lookalike serve --model runs/demo --index runs/demo/index            writes need the key (16+ characters)\n"
+        "  lookalike serve --model models/lite0 --index my-index --read-only    no key, no writes\n"
+        "  LOOKALIKE_IMAGES_ROOT=/mnt/photos lookalike serve ...               images moved since indexing",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", dest="model_dir", help="model or training-run directory (LOOKALIKE_MODEL_DIR)")
     p.add_argument("--index", dest="index_dir", help="index directory (LOOKALIKE_INDEX_DIR): the default collection")
@@ -44,6 +50,28 @@ def _parse_collections(values: list[str]) -> dict[str, str]:
             raise ValueError(f"--collection {name!r} is given twice")
         out[name] = index_dir
     return out
+def check_model_matches_index(model_dir, index_dir) -> None:
+    """Refuse, in one line naming both models, an index built with another model (before the
+    server starts, so the user sees no start-up traceback). Other problems are left to the server."""
+    import json
+    from pathlib import Path
+
+    from index.errors import ModelMismatchError
+    from index.store import STORE_FILE
+    from models.io import load_card
+
+    if model_dir is None or index_dir is None or not (Path(index_dir) / STORE_FILE).is_file():
+        return
+    try:
+        built = json.loads((Path(index_dir) / STORE_FILE).read_text())
+        card = load_card(model_dir, verify=False)
+    except (OSError, ValueError):
+        return
+    if built.get("fingerprint") and card.fingerprint and built["fingerprint"] != card.fingerprint:
+        raise ModelMismatchError(
+            f"{index_dir} was built with the model {built.get('model_dir') or '(path not recorded)'} "
+            f"(fingerprint {built['fingerprint'][:12]}), not with {Path(model_dir).resolve()} (fingerprint "
+            f"{card.fingerprint[:12]}): serve it with that model, or build a new index with this one")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -61,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.access_log:
         overrides["access_log"] = True
     settings = load_settings(**overrides)  # bad settings are reported here, before any exec
+    check_model_matches_index(settings.model_dir, settings.index_dir)
     if torch_imported_here() and not args.no_reexec:
         if getattr(args, "verbose", False):
             os.environ["LOOKALIKE_LOG"] = "DEBUG"

@@ -50,12 +50,23 @@ def image_root(root: str | Path) -> Path:
     return r / "images" if (r / "images").is_dir() else r
 
 
-def scan_image_folder(root: str | Path) -> dict[str, list[Path]]:
-    """Class name -> sorted image paths, from an ImageFolder layout (one sub-folder per class)."""
+def scan_image_folder(root: str | Path, *, skipped: list[tuple[Path, str]] | None = None) -> dict[str, list[Path]]:
+    """Class name -> sorted image paths, from an ImageFolder layout (one sub-folder per class).
+
+    Files without an image suffix are left out; with ``skipped`` each is appended to it as
+    ``(path, reason)`` (hidden files are not counted).
+    """
     base = image_root(root)
     out: dict[str, list[Path]] = {}
     for d in sorted(p for p in base.iterdir() if p.is_dir()):
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = []
+        for p in sorted(d.rglob("*")):
+            if not p.is_file():
+                continue
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(p)
+            elif skipped is not None and not p.name.startswith("."):
+                skipped.append((p, f"not an image file (suffix {p.suffix or 'none'!r})"))
         if files:
             out[d.name] = files
     if not out:
@@ -66,11 +77,23 @@ def scan_image_folder(root: str | Path) -> dict[str, list[Path]]:
 def _read_class_list(root: Path, rel: str) -> list[str]:
     p = Path(rel) if Path(rel).is_absolute() else root / rel
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: class list not found")
+        raise FileNotFoundError(
+            f"{p}: class list not found. To hold out a seeded fraction of the classes instead, pass "
+            "--data.train_classes null --data.test_classes null (--data.test_fraction sets the fraction)")
     names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     if not names:
         raise ValueError(f"{p}: class list is empty")
     return names
+
+
+def class_lists_present(root: str | Path, train_classes: str | None, test_classes: str | None) -> bool:
+    """Whether the dataset has the class list files named (False when none is named or none exists).
+
+    A dataset without them (any folder of class sub-folders) is split by ``test_fraction``
+    instead; naming one list that exists and one that does not is still an error (in
+    :func:`make_splits`)."""
+    names = [n for n in (train_classes, test_classes) if n]
+    return any((Path(n) if Path(n).is_absolute() else Path(root) / n).is_file() for n in names)
 
 
 def make_splits(
@@ -81,6 +104,7 @@ def make_splits(
     test_fraction: float = 0.4,
     val_fraction: float = 0.0,
     seed: int = 0,
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> dict[str, Split]:
     """Class-disjoint ``train`` / ``val`` / ``test`` splits.
 
@@ -90,7 +114,7 @@ def make_splits(
     out as ``val`` (for choosing hyperparameters without touching test classes).
     """
     r = Path(root)
-    by_class = scan_image_folder(r)
+    by_class = scan_image_folder(r, skipped=skipped)
     names = sorted(by_class)
     if test_classes:
         test_names = _read_class_list(r, test_classes)
@@ -124,6 +148,8 @@ def make_splits(
         return Split(paths, labels, cls_names)
 
     out = {"train": build(train_names), "test": build(test_names)}
+    if not test_names:
+        raise ValueError(f"{image_root(r)}: no test classes (the folder has {len(names)} classes)")
     if val_names:
         out["val"] = build(val_names)
     if len(out["train"].classes) < 2:
@@ -183,6 +209,69 @@ class PKSampler(Sampler[list[int]]):
                 batch += pool[: self.k]
                 pools[c] = pool[self.k:]
             yield batch
+
+
+def drop_unreadable(splits: dict[str, Split], *, workers: int = 2,
+                    skipped: list[tuple[Path, str]] | None = None) -> dict[str, Split]:
+    """The splits without the images that do not decode (corrupt, truncated, not really images).
+
+    Every image is decoded once at a reduced JPEG scale (cheap; PNG/WebP/GIF decode in full),
+    ``workers`` at a time. Each bad file is logged with its reason and appended to ``skipped``
+    as ``(path, reason)``. A class left with no image is dropped from its split (labels are then
+    renumbered so they stay ``0 .. len(classes) - 1``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(path: Path) -> str | None:
+        try:
+            decode_image(path, draft_size=(32, 32))
+        except (ImageDecodeError, OSError) as exc:
+            return str(exc)
+        return None
+
+    out: dict[str, Split] = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for name, split in splits.items():
+            reasons = list(pool.map(check, split.paths))
+            bad = [(p, r) for p, r in zip(split.paths, reasons) if r is not None]
+            for p, r in bad:
+                log.warning("skipping an unreadable image: %s (%s)", p, r)
+            if skipped is not None:
+                skipped.extend(bad)
+            if not bad:
+                out[name] = split
+                continue
+            keep = [i for i, r in enumerate(reasons) if r is None]
+            kept_labels = sorted({split.labels[i] for i in keep})
+            remap = {old: new for new, old in enumerate(kept_labels)}
+            out[name] = Split([split.paths[i] for i in keep], [remap[split.labels[i]] for i in keep],
+                              [split.classes[c] for c in kept_labels])
+    return out
+
+
+def choose_p(requested: int, labels: Sequence[int]) -> int:
+    """P of the P×K batches for these training labels: ``requested``, or fewer when fewer classes
+    have the two images a positive pair needs (logged). Raises ValueError below two such classes."""
+    counts: dict[int, int] = defaultdict(int)
+    for y in labels:
+        counts[int(y)] += 1
+    usable = sum(1 for n in counts.values() if n >= 2)
+    if usable < 2:
+        raise ValueError(f"only {usable} training classes have 2 or more images; P×K batches need at least 2 "
+                         "(add images or classes, or hold out fewer classes with --data.test_fraction)")
+    if requested > usable:
+        log.warning("data.p is %d but the training split has %d classes with 2+ images: using P=%d "
+                    "(--data.p sets it)", requested, usable, usable)
+        return usable
+    return requested
+
+
+def too_small_warning(n_classes: int, n_images: int) -> str | None:
+    """A warning when a training split is too small to learn much from (None when it is not)."""
+    if n_classes < 8 or n_images < 200:
+        return (f"the training split has only {n_classes} classes and {n_images} images: expect little gain over "
+                "the starting model (more classes matter more than more images per class)")
+    return None
 
 
 def train_transform(card: ModelCard, *, scale_min: float = 0.25, color_jitter: float = 0.0) -> v2.Compose:
@@ -261,6 +350,7 @@ def should_cache(n_images: int, card: ModelCard, mode: str, budget_mb: int) -> b
 
 
 __all__ = [
-    "Split", "image_root", "scan_image_folder", "make_splits", "PKSampler", "train_transform",
+    "Split", "image_root", "scan_image_folder", "make_splits", "drop_unreadable", "choose_p", "too_small_warning",
+    "PKSampler", "train_transform",
     "ImageDataset", "should_cache", "ImageDecodeError",
 ]

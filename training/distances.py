@@ -13,14 +13,15 @@ diagonal, duplicate images, a collapsed network) therefore never poison a traini
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Metric = Literal["cosine", "euclidean"]
-METRICS: tuple[str, ...] = get_args(Metric)
+from training.registry import DISTANCES as METRICS
+
+Metric = Literal[METRICS]  # type: ignore[valid-type]
 
 # In the backward of the square root d(sqrt(s))/ds = d / (2 d^2 + eps): exactly 0 at d = 0 and
 # 1 / (2 d) to float precision for every d above ~1e-9.

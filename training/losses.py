@@ -24,17 +24,17 @@ Nothing is ever N x N x N: "all triplets" is a (positive pairs, N) table.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .distances import Metric, check_metric, gather_pairs, paired_distances, pairwise_distances
+from .registry import LOSSES, REDUCTIONS
 from .miners import check_batch, label_ids, positive_pairs, same_label_matrix, triplets_to_pairs
 
-Reduction = Literal["mean", "nonzero_mean", "sum"]
-REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+Reduction = Literal[REDUCTIONS]  # type: ignore[valid-type]
 
 IndicesTuple = tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -426,21 +426,16 @@ class TripletLoss(BaseMetricLoss):
         return self._finish(embeddings, [pool], active=active, pos_dist=pos_dist, neg_dist=neg_dist)
 
 
-LOSSES: dict[str, type[BaseMetricLoss]] = {
-    "contrastive": ContrastiveLoss,
-    "triplet": TripletLoss,
-}
 
 
 def build_loss(name: str, **kwargs: Any) -> BaseMetricLoss:
-    """Build a loss by name (``"contrastive"`` or ``"triplet"``) with keyword arguments.
+    """Build a loss by its name in :data:`training.registry.LOSSES` with keyword arguments.
 
     Raises:
         ValueError: unknown name (naming the allowed set) or bad arguments.
     """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
+    cls = LOSSES.require(name)
     try:
-        return LOSSES[name](**kwargs)
+        return cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"bad arguments for loss {name!r}: {exc}") from exc

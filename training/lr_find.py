@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from training.config import TrainConfig
-from training.data import PKSampler, should_cache
+from training.data import PKSampler, choose_p, should_cache
 from training.trainer import (_param_groups, aux_from_config, build_optimizer, card_from_config, loss_from_config,
                               resolve_device, splits_from_config, train_dataset, use_bf16)
 from models.net import EmbeddingNet
@@ -40,7 +40,8 @@ def lr_range_test(cfg: TrainConfig, *, lr_min: float = 1e-6, lr_max: float = 1.0
     card = card_from_config(cfg)
     cache = should_cache(len(splits["train"]), card, cfg.data.cache_images, cfg.data.cache_budget_mb)
     ds = train_dataset(cfg, splits["train"], card, cache=cache)
-    sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k, batches_per_epoch=steps, seed=cfg.seed)
+    sampler = PKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels), cfg.data.k,
+                        batches_per_epoch=steps, seed=cfg.seed)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=0 if cache else cfg.data.workers)
     model = EmbeddingNet(card, backbone_weights=cfg.model.weights).to(device)
     if cfg.model.trainable_stages >= 0:  # the same frozen trunk as the trainer (here on images, not cached)

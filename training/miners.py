@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .distances import Metric, check_metric, gather_pairs, pairwise_distances
+from .registry import MINERS
 
 log = logging.getLogger(__name__)
 
@@ -332,16 +333,10 @@ class BatchAllMiner(_MarginMiner):
         return d_ap - d_an + self.margin > 0
 
 
-MINERS: dict[str, type[BaseMiner]] = {
-    "batch_hard": BatchHardMiner,
-    "semi_hard": SemiHardMiner,
-    "hard": HardMiner,
-    "batch_all": BatchAllMiner,
-}
 
 
 def build_miner(name: str | None, **kwargs: Any) -> BaseMiner | None:
-    """Build a miner by name: ``"batch_hard"``, ``"semi_hard"``, ``"hard"``, ``"batch_all"``;
+    """Build a miner by its name in :data:`training.registry.MINERS`;
     ``None`` or ``"none"`` -> None (the loss then uses every pair / triplet of the batch).
 
     Keyword arguments go to the miner (``distance=...``, ``margin=...``).

@@ -68,16 +68,24 @@ def write_report(out_dir: str | Path, *, metrics: dict[str, float], history: lis
     ax_bar = fig.add_subplot(gs[0, 2 * (k + 1) // 3:])
     ep = [h["epoch"] for h in history if "train/loss" in h]
     if ep:
-        ax_loss.plot(ep, [h["train/loss"] for h in history if "train/loss" in h], label="loss")
-        ax_loss.plot(ep, [h["train/mean_pairwise_cosine"] for h in history if "train/loss" in h], label="mean pairwise cos")
+        trained = [h for h in history if "train/loss" in h]
+        ax_loss.plot(ep, [h["train/loss"] for h in trained], color="C0", label="loss")
+        ax_loss.set_ylabel("loss", color="C0")
+        # the collapse signal lives in [-1, 1], the loss on its own scale: each gets its axis
+        ax_cos = ax_loss.twinx()
+        ax_cos.plot(ep, [h.get("train/mean_pairwise_cosine", float("nan")) for h in trained], color="C3",
+                    linestyle="--", label="mean pairwise cosine")
+        ax_cos.set_ylabel("mean pairwise cosine (collapse near 1)", color="C3", fontsize=8)
+        ax_cos.set_ylim(min(0.0, ax_cos.get_ylim()[0]), 1.0)
         ax_loss.set_xlabel("epoch")
-        ax_loss.legend()
+        ax_loss.legend(handles=ax_loss.lines + ax_cos.lines, fontsize=7)
     ax_loss.set_title("training loss / collapse signal")
     for split in ("test", "val"):
         pts = [(h["epoch"], h[f"{split}/recall@1"]) for h in history if f"{split}/recall@1" in h]
         if pts:
-            ax_rec.plot(*zip(*pts), marker="o", label=f"{split} R@1")
+            ax_rec.plot([e for e, _ in pts], [100 * r for _, r in pts], marker="o", label=f"{split} R@1")
     ax_rec.set_xlabel("epoch")
+    ax_rec.set_ylabel("R@1 (%)")
     ax_rec.set_title("Recall@1 on held-out classes")
     if ax_rec.lines:
         ax_rec.legend()
@@ -102,7 +110,8 @@ def write_report(out_dir: str | Path, *, metrics: dict[str, float], history: lis
                 s.set_linewidth(3)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{scores[q, j]:.3f}", fontsize=7, color="green" if ok else "red")
+            ax.set_title(f"{class_names[labels[nb]][:16]}\n{scores[q, j]:.3f}", fontsize=6,
+                         color="green" if ok else "red")
     fig.suptitle(title)
     fig.tight_layout()
     png = out / "report.png"

@@ -36,15 +36,16 @@ from training import distributed
 from training.budget import plan_steps
 from training.checkpoint import load_checkpoint, restore, save_checkpoint
 from training.config import TrainConfig, dump_config
-from training.data import ImageDataset, PKSampler, make_splits, should_cache
+from training.data import (ImageDataset, PKSampler, choose_p, class_lists_present, drop_unreadable, make_splits,
+                           should_cache, too_small_warning)
 from training.featcache import autocast_forward, build_cache
 from training.losses import build_loss
 from training.metrics import retrieval_metrics
 from training.miners import build_miner
+from training.registry import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamw")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -342,11 +343,18 @@ def card_from_config(cfg: TrainConfig) -> ModelCard:
     )
 
 
-def splits_from_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The class-disjoint train / (val) / test splits the config describes."""
+def splits_from_config(cfg: TrainConfig, skipped: list | None = None) -> dict[str, Any]:
+    """The class-disjoint train / (val) / test splits the config describes, without the files
+    that are not readable images (appended to ``skipped`` as ``(path, reason)``)."""
     d = cfg.data
-    return make_splits(d.root, train_classes=d.train_classes, test_classes=d.test_classes,
-                       test_fraction=d.test_fraction, val_fraction=d.val_fraction, seed=d.split_seed)
+    lists = class_lists_present(d.root, d.train_classes, d.test_classes)
+    if not lists and (d.train_classes or d.test_classes):
+        log.info("%s has no class lists (%s, %s): holding out %.0f%% of the classes (seed %d); the split is written "
+                 "to the run's splits/", d.root, d.train_classes, d.test_classes, 100 * d.test_fraction, d.split_seed)
+    splits = make_splits(d.root, train_classes=d.train_classes if lists else None,
+                         test_classes=d.test_classes if lists else None,
+                         test_fraction=d.test_fraction, val_fraction=d.val_fraction, seed=d.split_seed, skipped=skipped)
+    return drop_unreadable(splits, workers=max(1, d.workers), skipped=skipped)
 
 
 def train_dataset(cfg: TrainConfig, split, card: ModelCard, *, cache: bool) -> ImageDataset:
@@ -459,7 +467,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     bf16 = use_bf16(cfg.amp, device)
     progress = progress and main
 
-    splits = splits_from_config(cfg)
+    skipped: list = []
+    splits = splits_from_config(cfg, skipped)
+    small = too_small_warning(len(splits["train"].classes), len(splits["train"]))
+    if small and main:
+        log.warning("%s", small)
     if main:
         (run / "splits").mkdir(exist_ok=True)
         for name, split in splits.items():  # the class split, for indexing/evaluating exactly the held-out classes
@@ -486,12 +498,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if cfg.data.sampler == "confusable":
         from training.confusable import ConfusablePKSampler
 
-        sampler = ConfusablePKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
+        sampler = ConfusablePKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels), cfg.data.k,
                                       batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed,
                                       group=cfg.data.confusable_group,
                                       random_share=cfg.data.confusable_random_share)
     else:
-        sampler = PKSampler(splits["train"].labels, cfg.data.p, cfg.data.k,
+        sampler = PKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels), cfg.data.k,
                             batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
     if distributed.is_distributed():  # each rank takes its P/world classes of the global batch
         sampler = distributed.RankBatches(sampler)
@@ -721,6 +733,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         "bf16": bf16,
         "untrained": {k: v for k, v in start.items() if k != "epoch"},
         "final": {k: v for k, v in final.items() if k.startswith(("test/", "val/"))},
+        "skipped_files": [[str(p), reason] for p, reason in skipped],
+        **({"warnings": [small]} if small else {}),
     }
     if main:
         (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

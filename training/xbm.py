@@ -20,7 +20,7 @@ from torch import Tensor
 
 from training.distances import Metric, check_metric, pairwise_distances
 
-MEMORY_MINERS = ("none", "batch_hard")
+from training.registry import MEMORY_MINERS
 
 
 class CrossBatchMemory:
