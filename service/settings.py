@@ -27,11 +27,10 @@ class Settings(BaseSettings):
     images_root: Path | None = Field(
         None, description="where the indexed folder's images are, if not where the index was built (e.g. a container mount)"
     )
-    backend: Literal["auto", "torch", "onnx"] = Field(
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
         "auto",
-        description="inference backend; 'auto' = torch with bf16 autocast on CPUs with native bf16 "
-        "(most throughput under concurrent load, same vectors as `lookalike index build`), else ONNX "
-        "Runtime when the model has model.onnx, else torch",
+        description="inference backend; 'auto' = the fastest on this CPU by a short measurement of each "
+        "installed runtime (saved beside the model as backend.json, re-measured on another CPU)",
     )
     bf16: bool | None = Field(None, description="torch bf16 autocast; None = when the CPU supports it natively")
 
