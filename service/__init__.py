@@ -2,9 +2,16 @@
 
 ``create_app(settings=None) -> FastAPI``; ``Settings`` (env prefix ``LOOKALIKE_``);
 ``lookalike serve`` runs it with uvicorn.
+
+Names are loaded on first use: the ``lookalike`` command registers ``serve`` for every
+subcommand, and importing FastAPI here cost one-shot commands (``lookalike index search``)
+~2 s of start-up (python -X importtime).
 """
 
-from service.app import create_app
-from service.settings import Settings
+from models.lazy import lazy_getattr
+
+_LAZY = {"create_app": "service.app", "Settings": "service.settings"}
+
+__getattr__ = lazy_getattr("service", _LAZY)
 
 __all__ = ["Settings", "create_app"]

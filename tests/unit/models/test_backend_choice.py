@@ -134,3 +134,15 @@ def test_torch_set_threads_follows(model):
         assert torch.get_num_threads() == 1 and b.threads == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_shot_commands_count_import_and_start_up(model, monkeypatch):
+    """`lookalike index search` answers one query: torch's fast forward does not pay for its import."""
+    import models.backend_choice as bc
+
+    rows = {"torch": {"import_s": 3.0, "startup_s": 0.5, "b1_ms": 5.0, "b8_ms": 40.0, "score_ms": 10.0},
+            "onnx": {"import_s": 0.2, "startup_s": 0.1, "b1_ms": 9.0, "b8_ms": 80.0, "score_ms": 19.0}}
+    monkeypatch.setattr(bc, "measure_backends", lambda *a, **k: rows)
+    monkeypatch.setattr(bc, "available_backends", lambda d: ["torch", "onnx"])
+    assert choose_backend(model) == "torch"
+    assert choose_backend(model, measure=False, include_startup=True) == "onnx"
