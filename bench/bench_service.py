@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import contextlib
 import json
 import os
@@ -252,6 +253,10 @@ def backend_compare(model_dir: Path, rounds: int) -> dict:
     variants = {"torch fp32": TorchBackend(model_dir, bf16=False), "onnx": OnnxBackend(model_dir, threads=1)}
     if bf16_supported():
         variants["torch bf16"] = TorchBackend(model_dir, bf16=True)
+    if importlib.util.find_spec("openvino") is not None:
+        from models.backends import OpenVinoBackend
+
+        variants["openvino"] = OpenVinoBackend(model_dir, threads=1)
     times: dict[str, dict[str, list[float]]] = {n: {"b1": [], "b8": []} for n in variants}
     for b in variants.values():
         for x in xs.values():
@@ -471,7 +476,12 @@ def server_side(before: dict, after: dict) -> dict:
 
 # ---------------------------------------------------------------------------------- report
 def table(result: dict) -> str:
-    lines = []
+    from models.backends import cpu_summary
+
+    m = result["machine"]
+    lines = [f"CPU: {cpu_summary(m['cpu'])}; load avg {m['load_avg_at_start'][0]:.1f} at start, "
+             f"{m.get('load_avg_at_end', [float('nan')])[0]:.1f} at end; service backend: "
+             f"{result['config']['service_backend']}"]
     ip = result["in_process"]
     lines.append(f"in-process ({ip['backend']}, 1 thread), per image, mean ms (share):")
     for k in ("decode+preprocess", "embed", "search"):
@@ -526,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--factory", default="auto")
     p.add_argument("--concurrency", default="1,8")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "openvino"],
                    help="backend of the service, its no-batching twin, the naive server and the in-process baseline")
     p.add_argument("--also-backends", default="", help="comma list (torch,onnx): extra micro-batched services "
                    "on these backends, measured in the same rounds (to pick the default)")
@@ -560,13 +570,16 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, index_dir, queries = build_fixture(work, args)
     datas = [q.read_bytes() for q in queries]
 
+    from models.backends import cpu_info, cpu_summary
     from service.settings import Settings
     from service.state import resolve_backend_name
+
+    print(f"CPU: {cpu_summary()}; load avg {os.getloadavg()[0]:.1f}", file=sys.stderr)
 
     backend = resolve_backend_name(Settings(model_dir=model_dir, writes_enabled=False, backend=args.backend))
     result: dict = {
         "bench": "service", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                        "load_avg_at_start": os.getloadavg()},
+                                        "cpu": cpu_info(), "load_avg_at_start": os.getloadavg()},
         "config": {k: v for k, v in vars(args).items() if k not in ("json",)} | {"service_backend": backend},
         "backends": backend_compare(model_dir, rounds=4 if args.quick else 8),
         "load": [],

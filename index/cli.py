@@ -24,7 +24,9 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: CPUs, max 4)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads while embedding (default: CPUs - 1, unless OMP_NUM_THREADS is set)")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="inference backend")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino"), default="auto",
+                   help="inference runtime; auto (default): the fastest on this CPU, measured once per model "
+                        "and machine (saved as backend.json beside the model; torch when it is the only one)")
     bf = p.add_mutually_exclusive_group()
     bf.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="force bf16 autocast")
     bf.add_argument("--no-bf16", dest="bf16", action="store_false", help="force fp32")

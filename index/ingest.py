@@ -134,6 +134,10 @@ class Embedder:
     def load(cls, model_dir: str | Path, *, backend: str = "torch", bf16: bool | None = None) -> "Embedder":
         from models.backends import load_backend
 
+        if backend == "auto":
+            from models.backend_choice import choose_backend
+
+            backend = choose_backend(model_dir)  # measured on this CPU, saved beside the model
         kwargs = {"bf16": bf16} if backend == "torch" else {}
         b = load_backend(model_dir, backend, **kwargs)
         return cls(b, spec=(str(model_dir), backend, getattr(b, "bf16", None)))
