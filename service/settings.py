@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     max_pending: int = Field(64, ge=1, description="queries admitted at once; beyond it requests get 503 at once")
     inference_threads: int = Field(1, ge=1, description="torch / ONNX Runtime intra-op threads")
     search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads in the search thread")
+    idle_threads: int = Field(
+        0, ge=0, description="threads of a lone query's forward pass and search when nothing else waits "
+        "(0 = every core, 1 = off); kept only while measured faster than one thread (other work on the cores "
+        "makes extra threads slower), see service.batching.ThreadPolicy")
     decode_threads: int = Field(2, ge=1, description="threads decoding and preprocessing uploads")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503")
     load_in_background: bool = Field(
@@ -112,6 +116,13 @@ class Settings(BaseSettings):
         if self.default_k > self.max_k:
             raise ValueError(f"default_k={self.default_k} is over max_k={self.max_k}")
         return self
+
+    @property
+    def idle_thread_count(self) -> int:
+        """``idle_threads`` resolved: 0 means this machine's core count."""
+        import os
+
+        return self.idle_threads or os.cpu_count() or 1
 
     @property
     def max_body_bytes(self) -> int:

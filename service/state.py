@@ -170,6 +170,7 @@ class ServiceState:
                                              initializer=_limit_faiss_threads, initargs=(1,))
         self.batcher = MicroBatcher(self._backend_factory, max_batch=s.max_batch, wait_ms=s.batch_wait_ms,
                                     max_pending=s.max_pending, search_threads=s.search_threads,
+                                    idle_threads=s.idle_thread_count, busy_threads=s.inference_threads,
                                     metrics=self.metrics)
         self.backend = await asyncio.wrap_future(self.batcher.start())
         self.card = self.backend.card
