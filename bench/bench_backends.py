@@ -148,24 +148,14 @@ def quality(emb: np.ndarray, ref: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def speed(backends: dict[str, object], size: int, rounds: int, cores: int) -> dict[str, dict]:
+    from models.backend_choice import time_backends
+
     rng = np.random.default_rng(0)
-    xs = {1: rng.standard_normal((1, 3, size, size)).astype(np.float32),
-          8: rng.standard_normal((8, 3, size, size)).astype(np.float32)}
-    cells = [("b1_1thr_ms", 1, 1, 4), ("b8_1thr_ms", 8, 1, 1), (f"b1_{cores}thr_ms", 1, cores, 4)]
-    times: dict[str, dict[str, list[float]]] = {n: {c[0]: [] for c in cells} for n in backends}
-    for backend in backends.values():
-        for _, b, t, _ in cells:
-            backend.set_threads(t)
-            backend.embed_array(xs[b])
-    for _ in range(rounds):
-        for name, backend in backends.items():
-            for label, b, t, reps in cells:
-                backend.set_threads(t)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    backend.embed_array(xs[b])
-                times[name][label].append((time.perf_counter() - t0) / reps * 1000)
-    return {n: {label: round(float(np.median(v)), 2) for label, v in row.items()} for n, row in times.items()}
+    x1 = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+    x8 = rng.standard_normal((8, 3, size, size)).astype(np.float32)
+    cells = [("b1_1thr_ms", x1, 1, 4), ("b8_1thr_ms", x8, 1, 1), (f"b1_{cores}thr_ms", x1, cores, 4)]
+    times = time_backends(backends, cells, rounds)
+    return {n: {label: round(v, 2) for label, v in row.items()} for n, row in times.items()}
 
 
 def table(result: dict) -> str:

@@ -257,21 +257,13 @@ def backend_compare(model_dir: Path, rounds: int) -> dict:
         from models.backends import OpenVinoBackend
 
         variants["openvino"] = OpenVinoBackend(model_dir, threads=1)
-    times: dict[str, dict[str, list[float]]] = {n: {"b1": [], "b8": []} for n in variants}
-    for b in variants.values():
-        for x in xs.values():
-            b.embed_array(x)
-    for _ in range(rounds):
-        for name, b in variants.items():
-            for label, reps in (("b1", 8), ("b8", 2)):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    b.embed_array(xs[label])
-                times[name][label].append((time.perf_counter() - t0) / reps)
+    from models.backend_choice import time_backends
+
+    times = time_backends(variants, [("b1", xs["b1"], None, 8), ("b8", xs["b8"], None, 2)], rounds)
     ref = variants["torch fp32"].embed_array(xs["b8"])
     out = {}
     for name, b in variants.items():
-        row = {f"{label}_ms": float(np.median(v) * 1000) for label, v in times[name].items()}
+        row = {f"{label}_ms": v for label, v in times[name].items()}
         row["b8_per_image_ms"] = row["b8_ms"] / 8
         row["max_abs_diff_vs_fp32"] = float(np.abs(b.embed_array(xs["b8"]) - ref).max())
         out[name] = row
@@ -319,8 +311,8 @@ class Server:
 
 
 def service_cmd(model_dir: Path, index_dir: Path, port: int, backend: str, max_batch: int, wait_ms: float,
-                threads: int) -> tuple[list[str], dict]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), LOOKALIKE_MODEL_DIR=str(model_dir),
+                threads: int, idle_threads: int = 0) -> tuple[list[str], dict]:
+    env = dict(os.environ, LOOKALIKE_IDLE_THREADS=str(idle_threads), PYTHONPATH=str(REPO), LOOKALIKE_MODEL_DIR=str(model_dir),
                LOOKALIKE_INDEX_DIR=str(index_dir), LOOKALIKE_WRITES_ENABLED="false", LOOKALIKE_PORT=str(port),
                LOOKALIKE_BACKEND=backend, LOOKALIKE_MAX_BATCH=str(max_batch), LOOKALIKE_BATCH_WAIT_MS=str(wait_ms),
                LOOKALIKE_INFERENCE_THREADS=str(threads), LOOKALIKE_LOG="WARNING")
@@ -545,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--inference-threads", type=int, default=1)
+    p.add_argument("--compare-idle-threads", action="store_true",
+                   help="also run the service with LOOKALIKE_IDLE_THREADS=1 (every batch on one thread: the "
+                        "policy before threads followed the load), in the same rounds")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--client", default="raw", choices=["raw", "httpx"],
                    help="load client: minimal asyncio HTTP/1.1 (default) or httpx.AsyncClient")
@@ -591,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         ("service-nobatch", *service_cmd(model_dir, index_dir, free_port(), backend, 1, 0.0,
                                          args.inference_threads)),
     ]
+    if args.compare_idle_threads:
+        specs.append(("service[idle 1]", *service_cmd(model_dir, index_dir, free_port(), backend, args.max_batch,
+                                                      args.batch_wait_ms, args.inference_threads, idle_threads=1)))
     for extra in [b for b in args.also_backends.split(",") if b]:
         specs.append((f"service[{extra}]", *service_cmd(model_dir, index_dir, free_port(), extra, args.max_batch,
                                                         args.batch_wait_ms, args.inference_threads)))

@@ -125,26 +125,50 @@ def measure_backends(model_dir: str | Path, *, rounds: int = 3, names: list[str]
         raise RuntimeError(f"{d}: no inference backend could be built (tried {names})")
     size = next(iter(backends.values())).card.image_size
     rng = np.random.default_rng(0)
-    xs = {"b1": rng.standard_normal((1, 3, size, size)).astype(np.float32),
-          "b8": rng.standard_normal((8, 3, size, size)).astype(np.float32)}
-    for b in backends.values():
-        for x in xs.values():
-            b.embed_array(x)
-    for _ in range(rounds):
-        for name, b in backends.items():
-            for label, reps in (("b1", 3), ("b8", 1)):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    b.embed_array(xs[label])
-                rows[name][label].append((time.perf_counter() - t0) / reps * 1000)
+    cells = [("b1", rng.standard_normal((1, 3, size, size)).astype(np.float32), None, 3),
+             ("b8", rng.standard_normal((8, 3, size, size)).astype(np.float32), None, 1)]
+    times = time_backends(backends, cells, rounds)
+    for name, row in rows.items():
+        row.update(times[name])
     out = {}
     for name, row in rows.items():
-        b1, b8 = float(np.median(row["b1"])), float(np.median(row["b8"]))
+        b1, b8 = row["b1"], row["b8"]
         out[name] = {"import_s": round(import_seconds(name), 3), "startup_s": round(row["startup_s"], 3), "b1_ms": round(b1, 2), "b8_ms": round(b8, 2),
                      "score_ms": round(b1 + b8 / 8, 2)}
         if name == "torch":
             out[name]["bf16"] = bool(getattr(backends[name], "bf16", False))
     return out
+
+
+def time_backends(backends: dict, cells: list[tuple[str, np.ndarray, int | None, int]],
+                  rounds: int) -> dict[str, dict[str, float]]:
+    """Median ms per call of each backend on each cell, rounds interleaving the backends.
+
+    Args:
+        backends: name -> :class:`~models.backends.InferenceBackend`.
+        cells: (label, (N, 3, S, S) float32 batch, intra-op threads or None to leave as is, calls per round).
+        rounds: timed rounds, after one untimed call per backend and cell.
+
+    Returns:
+        ``{name: {label: median ms per call}}``.
+    """
+    def run(b, x, threads, reps):
+        if threads is not None:
+            b.set_threads(threads)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            b.embed_array(x)
+        return (time.perf_counter() - t0) / reps * 1000
+
+    for b in backends.values():
+        for _, x, threads, _ in cells:
+            run(b, x, threads, 1)
+    times: dict[str, dict[str, list[float]]] = {n: {c[0]: [] for c in cells} for n in backends}
+    for _ in range(rounds):
+        for name, b in backends.items():
+            for label, x, threads, reps in cells:
+                times[name][label].append(run(b, x, threads, reps))
+    return {n: {label: float(np.median(v)) for label, v in row.items()} for n, row in times.items()}
 
 
 def read_choice(model_dir: str | Path) -> dict | None:
