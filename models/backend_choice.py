@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -100,7 +101,8 @@ def import_seconds(name: str) -> float:
         return float("nan")
 
 
-def measure_backends(model_dir: str | Path, *, rounds: int = 3, names: list[str] | None = None) -> dict:
+def measure_backends(model_dir: str | Path, *, rounds: int = 3, names: list[str] | None = None,
+                     imports: bool = True) -> dict:
     """Time every available backend on this machine.
 
     Returns:
@@ -108,7 +110,8 @@ def measure_backends(model_dir: str | Path, *, rounds: int = 3, names: list[str]
         process takes to import its runtime, seconds to build it here, median ms per call on a
         (1, 3, S, S) and an (8, 3, S, S) float32 batch with one intra-op thread, and
         ``b1_ms + b8_ms / 8``. Rounds interleave the backends, so a change of machine load hits
-        them alike.
+        them alike. ``imports=False`` skips ``import_s`` (a fresh interpreter per runtime: torch's
+        alone takes seconds), as a service start does.
     """
     d = _model_dir(model_dir)
     names = available_backends(d) if names is None else names
@@ -133,8 +136,10 @@ def measure_backends(model_dir: str | Path, *, rounds: int = 3, names: list[str]
     out = {}
     for name, row in rows.items():
         b1, b8 = row["b1"], row["b8"]
-        out[name] = {"import_s": round(import_seconds(name), 3), "startup_s": round(row["startup_s"], 3), "b1_ms": round(b1, 2), "b8_ms": round(b8, 2),
+        out[name] = {"startup_s": round(row["startup_s"], 3), "b1_ms": round(b1, 2), "b8_ms": round(b8, 2),
                      "score_ms": round(b1 + b8 / 8, 2)}
+        if imports:
+            out[name]["import_s"] = round(import_seconds(name), 3)
         if name == "torch":
             out[name]["bf16"] = bool(getattr(backends[name], "bf16", False))
     return out
@@ -183,11 +188,11 @@ def read_choice(model_dir: str | Path) -> dict | None:
     return saved
 
 
-def measure_and_save(model_dir: str | Path) -> dict:
+def measure_and_save(model_dir: str | Path, *, imports: bool = True) -> dict:
     """Measure, pick the fastest, and save ``backend.json`` beside the model (if writable)."""
     d = _model_dir(model_dir)
     t0 = time.perf_counter()
-    measured = measure_backends(d)
+    measured = measure_backends(d, imports=imports)
     choice = min(measured, key=lambda n: measured[n]["score_ms"])
     saved = {"choice": choice, "measured": measured, "key": machine_key(d),
              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -221,15 +226,18 @@ def choose_backend(model_dir: str | Path, *, measure: bool = True, include_start
         return avail[0]
     saved = read_choice(d)
     if saved is None and measure:
-        saved = measure_and_save(d)
+        saved = measure_and_save(d, imports=include_startup)
     if saved is None:
         return next(n for n in ("openvino", "onnx", "torch") if n in avail)
     measured = {n: r for n, r in saved["measured"].items() if n in avail}
     if include_startup:
+        if not all(isinstance(r.get("import_s"), float) and math.isfinite(r["import_s"]) for r in measured.values()):
+            # measured by a service start (no import times): torch's import is the known cost
+            return next(n for n in ("openvino", "onnx", "torch") if n in measured)
+
         def one_shot_ms(n: str) -> float:
             r = measured[n]
-            imp = r.get("import_s", float("nan"))
-            return (r["startup_s"] + (0.0 if imp != imp else imp)) * 1000 + r["b1_ms"]
+            return (r["startup_s"] + r["import_s"]) * 1000 + r["b1_ms"]
 
         return min(measured, key=one_shot_ms)
     return saved["choice"] if saved["choice"] in measured else min(measured, key=lambda n: measured[n]["score_ms"])

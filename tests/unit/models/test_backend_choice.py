@@ -146,3 +146,16 @@ def test_one_shot_commands_count_import_and_start_up(model, monkeypatch):
     monkeypatch.setattr(bc, "available_backends", lambda d: ["torch", "onnx"])
     assert choose_backend(model) == "torch"
     assert choose_backend(model, measure=False, include_startup=True) == "onnx"
+
+
+def test_one_shot_without_import_times_avoids_torch(model, monkeypatch):
+    """A service start measures without import times; a one-shot command then does not pick torch
+    for its fast forward alone."""
+    import models.backend_choice as bc
+
+    rows = {"torch": {"startup_s": 0.5, "b1_ms": 5.0, "b8_ms": 40.0, "score_ms": 10.0},
+            "onnx": {"startup_s": 0.1, "b1_ms": 9.0, "b8_ms": 80.0, "score_ms": 19.0}}
+    monkeypatch.setattr(bc, "measure_backends", lambda *a, imports=True, **k: rows)
+    monkeypatch.setattr(bc, "available_backends", lambda d: ["torch", "onnx"])
+    assert choose_backend(model) == "torch"
+    assert choose_backend(model, measure=False, include_startup=True) == "onnx"
