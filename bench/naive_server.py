@@ -62,7 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--index", required=True)
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"])
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = library default)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
