@@ -307,6 +307,8 @@ def load_backend(model_dir: str | Path, name: str = "torch", **kwargs) -> Infere
         name = choose_backend(model_dir)
         if name != "torch":
             kwargs.pop("bf16", None)
+        elif kwargs.get("bf16") is None:
+            kwargs["bf16"] = False  # auto is fp32 (see models.backend_choice)
     if name == "torch":
         return TorchBackend(model_dir, **kwargs)
     if name == "onnx":

@@ -32,7 +32,9 @@ class Settings(BaseSettings):
         description="inference backend; 'auto' = the fastest on this CPU by a short measurement of each "
         "installed runtime (saved beside the model as backend.json, re-measured on another CPU)",
     )
-    bf16: bool | None = Field(None, description="torch bf16 autocast; None = when the CPU supports it natively")
+    bf16: bool | None = Field(
+        None, description="torch bf16 autocast; None = fp32 with backend auto (bf16 changes 3% of top-10 "
+        "neighbours), with backend torch when the CPU supports it natively")
 
     # --- writes and auth -----------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="bearer key required by POST/DELETE /v1/images")

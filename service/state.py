@@ -47,7 +47,8 @@ def resolve_backend_name(settings: Settings) -> str:
     available runtime embeds a batch of 1 and of 8 on this CPU, and the fastest wins. The
     measurement is saved beside the model (``lookalike export`` takes it), so a start on the
     same machine reuses it; another CPU, an ISA limit or another runtime version measures again
-    (a few seconds at start-up). ``LOOKALIKE_BF16=false`` keeps torch in fp32 when torch is chosen.
+    (a few seconds at start-up). Every candidate is measured, and ``auto`` runs, in fp32; set
+    ``LOOKALIKE_BF16=true`` for torch's bf16 autocast.
     """
     if settings.backend != "auto":
         return settings.backend
@@ -73,7 +74,10 @@ def default_backend_factory(settings: Settings) -> BackendFactory:
                 torch.set_num_interop_threads(1)
             except RuntimeError:  # already set once in this process
                 pass
-            return load_backend(settings.model_dir, "torch", bf16=settings.bf16)
+            # auto means fp32 (bf16 changes 3% of top-10 neighbours, see models.backend_choice);
+            # LOOKALIKE_BACKEND=torch keeps bf16 where the CPU has it, LOOKALIKE_BF16 decides either way
+            bf16 = False if settings.backend == "auto" and settings.bf16 is None else settings.bf16
+            return load_backend(settings.model_dir, "torch", bf16=bf16)
         return load_backend(settings.model_dir, name, threads=settings.inference_threads)
 
     return build
