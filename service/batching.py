@@ -19,12 +19,14 @@ Why this shape (each a measured fact on these 2-core machines):
 * Admission is bounded (``max_pending``): beyond it :class:`Overloaded` is raised at once and the
   service answers 503 instead of letting latency grow without limit.
 * Thread counts follow the load (:class:`ThreadPolicy`): a lone query (nothing queued, nothing
-  being decoded) runs its forward pass and search on ``idle_threads`` threads, so an idle
-  service uses every core; a batch, or a query with others behind it, runs on one thread and
-  leaves the other cores to decoding and the overlapped search. Two threads on a core another
-  process also wants collapse (OpenMP workers wait for a descheduled peer: measured 2-25x
-  slower here), so the policy keeps measuring lone queries on 1 and on ``idle_threads`` and
-  uses the faster one.
+  being decoded, a core free by the load average) runs its forward pass on ``idle_threads``
+  threads, so an idle service uses every core; a batch, or a query with others behind it, runs
+  on one thread and leaves the other cores to decoding and the overlapped search. Two threads on
+  a core another process also wants collapse (OpenMP workers wait for a descheduled peer:
+  measured 2-25x slower here), so the policy also keeps timing lone queries on 1 and on
+  ``idle_threads`` and uses the faster one. Searches stay on ``search_threads``: FAISS splits
+  work across queries, so one query gains nothing from more threads (bench_search: 816 vs 834
+  ms, Flat 100k x 1280), while 32 queries on 2 threads under load took 11x longer.
 
 Results are handed back to the event loop with ``loop.call_soon_threadsafe``; the event loop
 never runs model or index code.
@@ -62,7 +64,8 @@ def _set_faiss_threads(n: int) -> None:
 class ThreadPolicy:
     """Intra-op (and FAISS) threads of the next batch: ``idle`` for a lone query, ``busy`` otherwise.
 
-    A lone query is a batch of one with nothing queued or being decoded behind it. Between
+    A lone query is a batch of one with nothing queued or being decoded behind it, on a machine
+    whose load average leaves a core free (``machine_busy``, injectable). Between
     ``busy`` and ``idle`` threads for lone queries it takes the one whose recent latency
     (exponential moving average of the forward pass + search, seconds) is lower, and tries the
     other every ``probe_every`` lone queries, so a machine whose cores are taken by other work
@@ -70,17 +73,19 @@ class ThreadPolicy:
     Not thread-safe: used by the inference thread only.
     """
 
-    def __init__(self, idle: int, busy: int = 1, probe_every: int = 16, alpha: float = 0.25) -> None:
+    def __init__(self, idle: int, busy: int = 1, probe_every: int = 16, alpha: float = 0.25,
+                 machine_busy: Callable[[], bool] | None = None) -> None:
         if idle < 1 or busy < 1 or probe_every < 2 or not 0 < alpha <= 1:
             raise ValueError(f"need idle >= 1, busy >= 1, probe_every >= 2, 0 < alpha <= 1; got "
                              f"{idle}, {busy}, {probe_every}, {alpha}")
         self.idle, self.busy, self.probe_every, self.alpha = idle, busy, probe_every, alpha
+        self.machine_busy = machine_busy if machine_busy is not None else _cores_taken
         self.ema: dict[int, float] = {}
         self._lone = 0
 
     def choose(self, batch_size: int, others_waiting: bool) -> tuple[int, bool]:
         """(threads, lone) for a batch of ``batch_size`` queries."""
-        if batch_size > 1 or others_waiting or self.idle == self.busy:
+        if batch_size > 1 or others_waiting or self.idle == self.busy or self.machine_busy():
             return self.busy, False
         self._lone += 1
         for n in (self.idle, self.busy):
@@ -95,6 +100,25 @@ class ThreadPolicy:
         """Record a lone query's forward + search time with ``threads`` threads."""
         prev = self.ema.get(threads)
         self.ema[threads] = seconds if prev is None else prev + self.alpha * (seconds - prev)
+
+
+_LOAD_CACHE: list[float] = [0.0, 0.0]  # [checked at (monotonic s), busy (0/1)]
+
+
+def _cores_taken() -> bool:
+    """True while other work holds the cores: the 1-minute load average is at least the core
+    count minus one (this process's own running query counts for about one). Read at most once
+    a second. Under such load extra threads were measured slower than one (module docstring)."""
+    import os
+
+    now = time.monotonic()
+    if now - _LOAD_CACHE[0] >= 1.0:
+        try:
+            busy = os.getloadavg()[0] >= max(1, (os.cpu_count() or 1) - 1) + 0.5
+        except OSError:  # no load average on this platform: rely on the measured latencies
+            busy = False
+        _LOAD_CACHE[:] = [now, float(busy)]
+    return bool(_LOAD_CACHE[1])
 
 
 class Overloaded(Exception):
@@ -442,11 +466,7 @@ class MicroBatcher:
             if self._queue.empty():
                 # Nobody waits for the model: searching here saves a thread hand-off; under load
                 # the search thread takes it so the next forward pass overlaps this search.
-                if threads != self.search_threads:
-                    _set_faiss_threads(threads)
                 self._search_batch(*item)
-                if threads != self.search_threads:
-                    _set_faiss_threads(self.search_threads)
             else:
                 self._search_queue.put(item)
         if lone:

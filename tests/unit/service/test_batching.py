@@ -334,7 +334,7 @@ def test_inline_false_always_prepares_in_the_executor(model_dir, store, inputs):
 def test_thread_policy_lone_query_uses_idle_threads_and_load_uses_one():
     from service.batching import ThreadPolicy
 
-    p = ThreadPolicy(idle=2)
+    p = ThreadPolicy(idle=2, machine_busy=lambda: False)
     assert p.choose(1, others_waiting=False) == (2, True)
     assert p.choose(4, others_waiting=False) == (1, False)   # a batch: the other core decodes and searches
     assert p.choose(1, others_waiting=True) == (1, False)    # someone waits behind it
@@ -343,7 +343,7 @@ def test_thread_policy_lone_query_uses_idle_threads_and_load_uses_one():
 def test_thread_policy_falls_back_to_one_thread_when_two_are_slower_and_probes_again():
     from service.batching import ThreadPolicy
 
-    p = ThreadPolicy(idle=2, probe_every=4)
+    p = ThreadPolicy(idle=2, probe_every=4, machine_busy=lambda: False)
     seen = []
     for _ in range(12):
         n, lone = p.choose(1, others_waiting=False)
@@ -357,6 +357,16 @@ def test_thread_policy_falls_back_to_one_thread_when_two_are_slower_and_probes_a
         n, _ = p.choose(1, others_waiting=False)
         p.observe(n, 0.005 if n == 2 else 0.010)
     assert p.choose(1, others_waiting=False)[0] == 2 or p.ema[2] < p.ema[1]
+
+
+def test_thread_policy_uses_one_thread_while_other_work_holds_the_cores():
+    from service.batching import ThreadPolicy
+
+    taken = [True]
+    p = ThreadPolicy(idle=2, machine_busy=lambda: taken[0])
+    assert p.choose(1, others_waiting=False) == (1, False)  # not even probed: 2 threads would collapse
+    taken[0] = False
+    assert p.choose(1, others_waiting=False) == (2, True)
 
 
 def test_thread_policy_refuses_bad_values():
@@ -392,6 +402,7 @@ def test_batcher_runs_a_lone_query_on_idle_threads_and_a_batch_on_one(model_dir,
     real = sb._set_faiss_threads
     monkeypatch.setattr(sb, "_set_faiss_threads",
                         lambda n: (faiss_calls.append((threading.current_thread().name, n)), real(n)))
+    monkeypatch.setattr(sb, "_cores_taken", lambda: False)  # this test's machine may be busy
     holder = {}
 
     def factory():
@@ -410,7 +421,7 @@ def test_batcher_runs_a_lone_query_on_idle_threads_and_a_batch_on_one(model_dir,
         vec, hits = asyncio.run(_search_all(mb, arrays[:1], [3]))[0]
         assert b.counts[start_calls] == 2 and hits
         np.testing.assert_allclose(vec, singles[0], atol=1e-4)  # same vector with two threads
-        assert ("lookalike-infer", 2) in faiss_calls and faiss_calls[-1] == ("lookalike-infer", 1)  # search restored
+        assert all(n == 1 for _, n in faiss_calls)  # searches stay on 1 FAISS thread (the OpenMP trap)
         n = len(b.counts)
         results = asyncio.run(_search_all(mb, arrays, [3] * len(arrays)))
         assert [b.sizes[i] for i in range(n, len(b.sizes))] != [1] * (len(b.sizes) - n)  # batched
