@@ -149,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads for BOTH the naive loop and the job (default 1: the job's default on "
                         "2 CPUs; 2 threads were ~3.6x slower on this shared machine)")
     p.add_argument("--onnx", action="store_true", help="also run the job on ONNX Runtime (exports the model)")
+    p.add_argument("--openvino", action="store_true", help="also run the job on OpenVINO fp32 (exports the model)")
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args(argv)
 
     import torch
 
     from models import ModelCard, save_model
-    from models.backends import bf16_supported, cpu_info
+    from models.backends import bf16_supported, cpu_info, cpu_summary
     from models.net import EmbeddingNet
 
     torch.set_num_threads(args.threads)
@@ -194,24 +195,26 @@ def main(argv: list[str] | None = None) -> int:
                                    workers=args.workers, batch_size=args.batch_size, threads=args.threads)
         out["job_fp32"], v32 = job(model_dir, images, tmp / "ix32", bf16=False, backend="torch",
                                    workers=args.workers, batch_size=args.batch_size, threads=args.threads)
-        if args.onnx:
-            from models.export import export_onnx
+        for name in [n for n in ("onnx", "openvino") if getattr(args, n)]:
+            if not (model_dir / "model.onnx").is_file():
+                from models.export import export_onnx
 
-            export_onnx(model_dir)
-            out["job_onnx"], _ = job(model_dir, images, tmp / "ixonnx", bf16=None, backend="onnx",
-                                     workers=args.workers, batch_size=args.batch_size, threads=args.threads)
+                export_onnx(model_dir)
+            out[f"job_{name}"], _ = job(model_dir, images, tmp / f"ix{name}", bf16=None, backend=name,
+                                        workers=args.workers, batch_size=args.batch_size, threads=args.threads)
         out["bf16_vs_fp32"] = ranking_agreement(v32, v16)
     base = out["naive"]["images_per_s"]
     rows = [("naive (PIL full decode, fp32 eager, batch 1)", out["naive"])]
     rows += [(f"lookalike job {k[4:]} (workers {out[k]['workers']}, batch {out[k]['batch_size']})", out[k])
-             for k in ("job_bf16", "job_fp32", "job_onnx") if k in out]
+             for k in ("job_bf16", "job_fp32", "job_onnx", "job_openvino") if k in out]
     base_cpu = out["naive"]["images_per_cpu_s"]
-    jobs = [k for k in ("job_bf16", "job_fp32", "job_onnx") if k in out]
+    jobs = [k for k in ("job_bf16", "job_fp32", "job_onnx", "job_openvino") if k in out]
     out["speedup_vs_naive"] = {k: round(out[k]["images_per_s"] / base, 2) for k in jobs}
     out["cpu_efficiency_vs_naive"] = {k: round(out[k]["images_per_cpu_s"] / base_cpu, 2) for k in jobs}
     out["load_average"] = {"start": load0, "end": list(os.getloadavg())}
     print(json.dumps(out, indent=2))
     print()
+    print(f"CPU: {cpu_summary(out['machine']['cpu'])}")
     print(f"{out['images']} cub100 test-class images, {card.backbone} at {card.image_size}px, D={card.embedding_dim}, "
           f"{os.cpu_count()} CPUs, bf16 supported: {out['machine']['bf16_supported']}")
     print(f"load average {out['load_average']['start'][0]:.1f} at start, {out['load_average']['end'][0]:.1f} at end "

@@ -175,13 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
         results.append(run_size(n, args, rng))
-    out = {"benchmark": "search", "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+    from models.backends import cpu_info, cpu_summary
+
+    out = {"benchmark": "search", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                              "cpu": cpu_info(), "load_avg_end": os.getloadavg()},
            "faiss": faiss.__version__, "torch": torch.__version__,
            "data": {"kind": "clustered unit vectors", "points_per_cluster": args.points_per_cluster, "spread": args.spread,
                     "queries": "1000 fresh points of the same mixture"},
            "results": results}
     print(json.dumps(out, indent=2))
     print()
+    print(f"CPU: {cpu_summary(out['machine']['cpu'])}; load avg {os.getloadavg()[0]:.1f}")
     print(table(results))
     if args.json:
         with open(args.json, "w") as fh:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import contextlib
 import json
 import os
@@ -252,21 +253,17 @@ def backend_compare(model_dir: Path, rounds: int) -> dict:
     variants = {"torch fp32": TorchBackend(model_dir, bf16=False), "onnx": OnnxBackend(model_dir, threads=1)}
     if bf16_supported():
         variants["torch bf16"] = TorchBackend(model_dir, bf16=True)
-    times: dict[str, dict[str, list[float]]] = {n: {"b1": [], "b8": []} for n in variants}
-    for b in variants.values():
-        for x in xs.values():
-            b.embed_array(x)
-    for _ in range(rounds):
-        for name, b in variants.items():
-            for label, reps in (("b1", 8), ("b8", 2)):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    b.embed_array(xs[label])
-                times[name][label].append((time.perf_counter() - t0) / reps)
+    if importlib.util.find_spec("openvino") is not None:
+        from models.backends import OpenVinoBackend
+
+        variants["openvino"] = OpenVinoBackend(model_dir, threads=1)
+    from models.backend_choice import time_backends
+
+    times = time_backends(variants, [("b1", xs["b1"], None, 8), ("b8", xs["b8"], None, 2)], rounds)
     ref = variants["torch fp32"].embed_array(xs["b8"])
     out = {}
     for name, b in variants.items():
-        row = {f"{label}_ms": float(np.median(v) * 1000) for label, v in times[name].items()}
+        row = {f"{label}_ms": v for label, v in times[name].items()}
         row["b8_per_image_ms"] = row["b8_ms"] / 8
         row["max_abs_diff_vs_fp32"] = float(np.abs(b.embed_array(xs["b8"]) - ref).max())
         out[name] = row
@@ -314,8 +311,8 @@ class Server:
 
 
 def service_cmd(model_dir: Path, index_dir: Path, port: int, backend: str, max_batch: int, wait_ms: float,
-                threads: int) -> tuple[list[str], dict]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), LOOKALIKE_MODEL_DIR=str(model_dir),
+                threads: int, idle_threads: int = 0) -> tuple[list[str], dict]:
+    env = dict(os.environ, LOOKALIKE_IDLE_THREADS=str(idle_threads), PYTHONPATH=str(REPO), LOOKALIKE_MODEL_DIR=str(model_dir),
                LOOKALIKE_INDEX_DIR=str(index_dir), LOOKALIKE_WRITES_ENABLED="false", LOOKALIKE_PORT=str(port),
                LOOKALIKE_BACKEND=backend, LOOKALIKE_MAX_BATCH=str(max_batch), LOOKALIKE_BATCH_WAIT_MS=str(wait_ms),
                LOOKALIKE_INFERENCE_THREADS=str(threads), LOOKALIKE_LOG="WARNING")
@@ -471,7 +468,12 @@ def server_side(before: dict, after: dict) -> dict:
 
 # ---------------------------------------------------------------------------------- report
 def table(result: dict) -> str:
-    lines = []
+    from models.backends import cpu_summary
+
+    m = result["machine"]
+    lines = [f"CPU: {cpu_summary(m['cpu'])}; load avg {m['load_avg_at_start'][0]:.1f} at start, "
+             f"{m.get('load_avg_at_end', [float('nan')])[0]:.1f} at end; service backend: "
+             f"{result['config']['service_backend']}"]
     ip = result["in_process"]
     lines.append(f"in-process ({ip['backend']}, 1 thread), per image, mean ms (share):")
     for k in ("decode+preprocess", "embed", "search"):
@@ -526,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--factory", default="auto")
     p.add_argument("--concurrency", default="1,8")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "openvino"],
                    help="backend of the service, its no-batching twin, the naive server and the in-process baseline")
     p.add_argument("--also-backends", default="", help="comma list (torch,onnx): extra micro-batched services "
                    "on these backends, measured in the same rounds (to pick the default)")
@@ -535,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
     p.add_argument("--inference-threads", type=int, default=1)
+    p.add_argument("--compare-idle-threads", action="store_true",
+                   help="also run the service with LOOKALIKE_IDLE_THREADS=1 (every batch on one thread: the "
+                        "policy before threads followed the load), in the same rounds")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--client", default="raw", choices=["raw", "httpx"],
                    help="load client: minimal asyncio HTTP/1.1 (default) or httpx.AsyncClient")
@@ -560,13 +565,16 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, index_dir, queries = build_fixture(work, args)
     datas = [q.read_bytes() for q in queries]
 
+    from models.backends import cpu_info, cpu_summary
     from service.settings import Settings
     from service.state import resolve_backend_name
+
+    print(f"CPU: {cpu_summary()}; load avg {os.getloadavg()[0]:.1f}", file=sys.stderr)
 
     backend = resolve_backend_name(Settings(model_dir=model_dir, writes_enabled=False, backend=args.backend))
     result: dict = {
         "bench": "service", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                        "load_avg_at_start": os.getloadavg()},
+                                        "cpu": cpu_info(), "load_avg_at_start": os.getloadavg()},
         "config": {k: v for k, v in vars(args).items() if k not in ("json",)} | {"service_backend": backend},
         "backends": backend_compare(model_dir, rounds=4 if args.quick else 8),
         "load": [],
@@ -578,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         ("service-nobatch", *service_cmd(model_dir, index_dir, free_port(), backend, 1, 0.0,
                                          args.inference_threads)),
     ]
+    if args.compare_idle_threads:
+        specs.append(("service[idle 1]", *service_cmd(model_dir, index_dir, free_port(), backend, args.max_batch,
+                                                      args.batch_wait_ms, args.inference_threads, idle_threads=1)))
     for extra in [b for b in args.also_backends.split(",") if b]:
         specs.append((f"service[{extra}]", *service_cmd(model_dir, index_dir, free_port(), extra, args.max_batch,
                                                         args.batch_wait_ms, args.inference_threads)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from fastapi import FastAPI, File, Form, UploadFile  # module level: the handler's annotations need them
 
@@ -23,8 +24,8 @@ def create_app(model_dir: str, index_dir: str, backend_name: str = "torch", thre
     from models.backends import load_backend
 
     # threads 0: the libraries' defaults (torch: one per core; ONNX Runtime: one per core)
-    if backend_name == "onnx":
-        backend = load_backend(model_dir, "onnx", threads=threads)
+    if backend_name in ("onnx", "openvino"):
+        backend = load_backend(model_dir, backend_name, threads=threads or (os.cpu_count() or 1))
     else:
         if threads:
             import torch
@@ -61,7 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--index", required=True)
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "openvino"])
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = library default)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)

@@ -40,7 +40,9 @@ def _add_ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: CPUs, max 4)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads while embedding (default: CPUs - 1, unless OMP_NUM_THREADS is set)")
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="inference backend")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino"), default="auto",
+                   help="inference runtime; auto (default): the fastest on this CPU, measured once per model "
+                        "and machine (saved as backend.json beside the model; torch when it is the only one)")
     bf = p.add_mutually_exclusive_group()
     bf.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="force bf16 autocast")
     bf.add_argument("--no-bf16", dest="bf16", action="store_false", help="force fp32")
@@ -122,7 +124,11 @@ def register(subparsers) -> None:
     s.add_argument("image", help="query image file")
     s.add_argument("-k", type=int, default=10, help="results (default 10)")
     s.add_argument("--model", help="model directory (default: the one the index was built with)")
-    s.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    s.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino"), default="auto",
+                   help="inference runtime; auto (default): the one that answers a single query soonest on this "
+                        "CPU (import + start-up + one image) by the measurement `lookalike export` saved beside "
+                        "the model, or without one ONNX Runtime / OpenVINO when the model has model.onnx "
+                        "(torch's import alone costs seconds)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_search)
 
@@ -345,7 +351,12 @@ def cmd_search(args) -> int:
         raise ValueError(f"-k must be >= 1, got {args.k}")
     with IndexStore.open(args.index) as store:
         model = _model_for(store, args.model)
-        backend = load_backend(model, args.backend)
+        name = args.backend
+        if name == "auto":
+            from models.backend_choice import choose_backend
+
+            name = choose_backend(model, measure=False, include_startup=True)
+        backend = load_backend(model, name)
         if backend.card.fingerprint != store.fingerprint:
             from index.errors import ModelMismatchError
 

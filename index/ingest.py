@@ -134,6 +134,12 @@ class Embedder:
     def load(cls, model_dir: str | Path, *, backend: str = "torch", bf16: bool | None = None) -> "Embedder":
         from models.backends import load_backend
 
+        if backend == "auto":
+            from models.backend_choice import choose_backend
+
+            backend = choose_backend(model_dir)  # measured on this CPU, saved beside the model
+            if bf16 is None:
+                bf16 = False  # auto is fp32 (bf16 changes 3% of top-10 neighbours; models.backend_choice)
         kwargs = {"bf16": bf16} if backend == "torch" else {}
         b = load_backend(model_dir, backend, **kwargs)
         return cls(b, spec=(str(model_dir), backend, getattr(b, "bf16", None)))

@@ -2,8 +2,11 @@
 collections, each an index with its model).
 
 ``create_app(settings=None) -> FastAPI``; ``Settings`` (env prefix ``LOOKALIKE_``);
-``lookalike serve`` runs it with uvicorn. Both load lazily, so the ``lookalike`` command's
-parser (and a config error of another subcommand) does not pay for FastAPI and FAISS.
+``lookalike serve`` runs it with uvicorn.
+
+Names are loaded on first use: the ``lookalike`` command registers ``serve`` for every
+subcommand, and importing FastAPI here cost one-shot commands (``lookalike index search``)
+~2 s of start-up (python -X importtime).
 """
 
 from models.lazy import lazy_getattr

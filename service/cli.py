@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "own model_dir)")
     p.add_argument("--host", help="bind address (LOOKALIKE_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (LOOKALIKE_PORT, default 8000)")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx"], help="inference backend (LOOKALIKE_BACKEND)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx", "openvino"], help="inference backend (LOOKALIKE_BACKEND)")
     p.add_argument("--read-only", action="store_true",
                    help="disable POST/DELETE /v1/images (LOOKALIKE_WRITES_ENABLED=false); no API key needed")
     p.add_argument("--max-batch", type=int, help="queries per forward pass, 1 = no micro-batching")

@@ -57,13 +57,14 @@ class Settings(BaseSettings):
         "JSON: {\"name\": \"INDEX_DIR\"} or {\"name\": {\"index_dir\": ..., \"model_dir\": ..., \"images_root\": ...}}; "
         "collections with the same model share one loaded copy of it",
     )
-    backend: Literal["auto", "torch", "onnx"] = Field(
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
         "auto",
-        description="inference backend; 'auto' = torch with bf16 autocast on CPUs with native bf16 "
-        "(most throughput under concurrent load, same vectors as `lookalike index build`), else ONNX "
-        "Runtime when the model has model.onnx, else torch",
+        description="inference backend; 'auto' = the fastest on this CPU by a short measurement of each "
+        "installed runtime (saved beside the model as backend.json, re-measured on another CPU)",
     )
-    bf16: bool | None = Field(None, description="torch bf16 autocast; None = when the CPU supports it natively")
+    bf16: bool | None = Field(
+        None, description="torch bf16 autocast; None = fp32 with backend auto (bf16 changes 3% of top-10 "
+        "neighbours), with backend torch when the CPU supports it natively")
 
     # --- writes and auth -----------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="bearer key required by POST/DELETE /v1/images")
@@ -89,6 +90,10 @@ class Settings(BaseSettings):
     max_pending: int = Field(64, ge=1, description="queries admitted at once; beyond it requests get 503 at once")
     inference_threads: int = Field(1, ge=1, description="torch / ONNX Runtime intra-op threads")
     search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads in the search thread")
+    idle_threads: int = Field(
+        0, ge=0, description="threads of a lone query's forward pass and search when nothing else waits "
+        "(0 = every core, 1 = off); kept only while measured faster than one thread (other work on the cores "
+        "makes extra threads slower), see service.batching.ThreadPolicy")
     decode_threads: int = Field(2, ge=1, description="threads decoding and preprocessing uploads")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503")
     load_in_background: bool = Field(
@@ -165,6 +170,13 @@ class Settings(BaseSettings):
             raise ValueError(f"collections {unmodelled} name no model_dir and LOOKALIKE_MODEL_DIR is not set: "
                              "give each a model_dir, or set LOOKALIKE_MODEL_DIR")
         return self
+
+    @property
+    def idle_thread_count(self) -> int:
+        """``idle_threads`` resolved: 0 means this machine's core count."""
+        import os
+
+        return self.idle_threads or os.cpu_count() or 1
 
     @property
     def max_body_bytes(self) -> int:

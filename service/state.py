@@ -45,34 +45,21 @@ IndexOpener = Callable[[Any, bool], Any]  # (card, writable) -> IndexStore
 
 
 def resolve_backend_name(settings: Settings, model_dir: Path | None = None) -> str:
-    """``torch`` or ``onnx`` for ``settings.backend`` and the model in ``model_dir`` (None =
-    ``settings.model_dir``). ``auto`` (by measurement, bench_service.py):
+    """``torch``, ``onnx`` or ``openvino`` for ``settings.backend`` and the model in ``model_dir``
+    (None = ``settings.model_dir``).
 
-    * torch with bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX): it embeds exactly
-      like ``lookalike index build`` (torch, bf16 when supported), its batched forward is the
-      cheapest per image (3.7 ms at batch 8 vs 5.1 for ONNX Runtime), and under 8 clients it
-      served as many queries as ONNX Runtime (6 interleaved head-to-head runs: -1.5% to +13%,
-      median +2%). ONNX Runtime answers a lone client faster (p50 12.6 vs 17.3 ms): choose it
-      with ``LOOKALIKE_BACKEND=onnx`` when latency at low load matters most.
-    * otherwise ONNX Runtime when the model has an ONNX export (faster than torch fp32 at batch
-      1 and 8: 6.2 vs 12.2 ms, 40.4 vs 47.8 ms), and always when torch is not installed;
-    * otherwise torch.
+    ``auto`` is measured, not guessed (:func:`models.backend_choice.choose_backend`): each
+    available runtime embeds a batch of 1 and of 8 on this CPU, and the fastest wins. The
+    measurement is saved beside the model (``lookalike export`` takes it), so a start on the
+    same machine reuses it; another CPU, an ISA limit or another runtime version measures again
+    (a few seconds at start-up). Every candidate is measured, and ``auto`` runs, in fp32; set
+    ``LOOKALIKE_BF16=true`` for torch's bf16 autocast.
     """
     if settings.backend != "auto":
         return settings.backend
-    import importlib.util
+    from models.backend_choice import choose_backend
 
-    from models.backends import ONNX_FILE
-    from models.io import resolve_model_dir
-
-    has_onnx = (resolve_model_dir(model_dir or settings.model_dir) / ONNX_FILE).is_file()
-    if importlib.util.find_spec("torch") is None:
-        return "onnx"
-    from models.backends import bf16_supported
-
-    if settings.bf16 is not False and bf16_supported():
-        return "torch"
-    return "onnx" if has_onnx else "torch"
+    return choose_backend(model_dir or settings.model_dir)
 
 
 def default_backend_factory(settings: Settings, model_dir: Path | None = None) -> BackendFactory:
@@ -94,8 +81,11 @@ def default_backend_factory(settings: Settings, model_dir: Path | None = None) -
                 torch.set_num_interop_threads(1)
             except RuntimeError:  # already set once in this process
                 pass
-            return load_backend(model_dir, "torch", bf16=settings.bf16)
-        return load_backend(model_dir, "onnx", threads=settings.inference_threads)
+            # auto means fp32 (bf16 changes 3% of top-10 neighbours, see models.backend_choice);
+            # LOOKALIKE_BACKEND=torch keeps bf16 where the CPU has it, LOOKALIKE_BF16 decides either way
+            bf16 = False if settings.backend == "auto" and settings.bf16 is None else settings.bf16
+            return load_backend(model_dir, "torch", bf16=bf16)
+        return load_backend(model_dir, name, threads=settings.inference_threads)
 
     return build
 
@@ -117,6 +107,7 @@ class ModelRuntime:
     def __init__(self, backend_factory: BackendFactory, settings: Settings, metrics: ServiceMetrics) -> None:
         self.batcher = MicroBatcher(backend_factory, max_batch=settings.max_batch, wait_ms=settings.batch_wait_ms,
                                     max_pending=settings.max_pending, search_threads=settings.search_threads,
+                                    idle_threads=settings.idle_thread_count, busy_threads=settings.inference_threads,
                                     metrics=metrics)
         self._loading: asyncio.Future | None = None
 

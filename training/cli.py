@@ -220,6 +220,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.onnx:
         path, diff = export_onnx(args.model)
         out.update({"onnx": str(path), "max_abs_diff_vs_torch": diff})
+    from models.backend_choice import available_backends, measure_and_save
+
+    if len(available_backends(args.model)) > 1:
+        # what `auto` will use on this machine (serve, index search), measured now, saved beside the model
+        saved = measure_and_save(args.model)
+        out.update({"auto_backend": saved["choice"],
+                    "backend_score_ms": {n: r["score_ms"] for n, r in saved["measured"].items()}})
     print(json.dumps(out))
     return 0
 
@@ -276,7 +283,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="export a model (ONNX), or write a zero-shot model from a pretrained backbone",
         description="Export a trained model to ONNX (verified against torch), or write a zero-shot model: a "
-                    "pretrained backbone's pooled features as the embedding, no training and no labels needed.",
+                    "pretrained backbone's pooled features as the embedding, no training and no labels needed. "
+                    "Then each installed runtime (torch, ONNX Runtime, OpenVINO) is timed on this CPU for a few "
+                    "seconds and the fastest is saved as backend.json beside the model: what `auto` uses here.",
         epilog="examples:\n  lookalike export --onnx runs/demo\n"
                "  lookalike export --pretrained efficientnet_lite0 --out models/lite0 --onnx\n"
                "  lookalike index build --model models/lite0 --images photos/ --out my-index",

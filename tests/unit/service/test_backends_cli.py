@@ -34,17 +34,19 @@ def test_onnx_and_torch_give_the_same_answers(make_client, onnx_model_dir):
         assert a["model"] == b["model"]
 
 
-def test_auto_backend_choice(make_settings, model_dir, onnx_model_dir, monkeypatch):
-    import models.backends as mb
+def test_auto_backend_is_the_measured_one(make_settings, model_dir, onnx_model_dir, monkeypatch):
+    """``auto`` is what :func:`models.backend_choice.choose_backend` measured, not a CPU-flag rule."""
+    import models.backend_choice as bc
     from service.state import resolve_backend_name
 
-    monkeypatch.setattr(mb, "bf16_supported", lambda: True)
-    assert resolve_backend_name(make_settings(backend="auto", bf16=None, model_dir=onnx_model_dir)) == "torch"
-    assert resolve_backend_name(make_settings(backend="auto", bf16=False, model_dir=onnx_model_dir)) == "onnx"
-    monkeypatch.setattr(mb, "bf16_supported", lambda: False)
-    assert resolve_backend_name(make_settings(backend="auto", bf16=None, model_dir=onnx_model_dir)) == "onnx"
+    for fastest in ("torch", "onnx"):
+        (onnx_model_dir / bc.CHOICE_FILE).unlink(missing_ok=True)
+        scores = {"torch": 1.0, "onnx": 2.0} if fastest == "torch" else {"torch": 2.0, "onnx": 1.0}
+        monkeypatch.setattr(bc, "measure_backends", lambda *a, s=scores, **k: {
+            n: {"startup_s": 0.1, "b1_ms": v, "b8_ms": v, "score_ms": v} for n, v in s.items()})
+        assert resolve_backend_name(make_settings(backend="auto", model_dir=onnx_model_dir)) == fastest
     if not (model_dir / "model.onnx").exists():
-        assert resolve_backend_name(make_settings(backend="auto", bf16=None, model_dir=model_dir)) == "torch"
+        assert resolve_backend_name(make_settings(backend="auto", model_dir=model_dir)) == "torch"
     assert resolve_backend_name(make_settings(backend="onnx", model_dir=model_dir)) == "onnx"
 
 

@@ -327,3 +327,106 @@ def test_inline_false_always_prepares_in_the_executor(model_dir, store, inputs):
         finally:
             mb.stop()
     assert seen == ["decode_0"]
+
+
+# ---- thread policy: every core for a lone query, one under load, and back to one when the cores
+# ---- are taken (two threads then collapse: OpenMP workers wait for a descheduled peer)
+def test_thread_policy_lone_query_uses_idle_threads_and_load_uses_one():
+    from service.batching import ThreadPolicy
+
+    p = ThreadPolicy(idle=2, machine_busy=lambda: False)
+    assert p.choose(1, others_waiting=False) == (2, True)
+    assert p.choose(4, others_waiting=False) == (1, False)   # a batch: the other core decodes and searches
+    assert p.choose(1, others_waiting=True) == (1, False)    # someone waits behind it
+
+
+def test_thread_policy_falls_back_to_one_thread_when_two_are_slower_and_probes_again():
+    from service.batching import ThreadPolicy
+
+    p = ThreadPolicy(idle=2, probe_every=4, machine_busy=lambda: False)
+    seen = []
+    for _ in range(12):
+        n, lone = p.choose(1, others_waiting=False)
+        assert lone
+        seen.append(n)
+        p.observe(n, 0.050 if n == 2 else 0.010)  # two threads collapsed (another process holds a core)
+    assert seen[:2] == [2, 1]                     # each measured once
+    assert seen[2:].count(1) > seen[2:].count(2)  # then mostly one thread ...
+    assert 2 in seen[2:]                          # ... while still probing two
+    for _ in range(40):                           # the cores free up: two threads win again
+        n, _ = p.choose(1, others_waiting=False)
+        p.observe(n, 0.005 if n == 2 else 0.010)
+    assert p.choose(1, others_waiting=False)[0] == 2 or p.ema[2] < p.ema[1]
+
+
+def test_thread_policy_uses_one_thread_while_other_work_holds_the_cores():
+    from service.batching import ThreadPolicy
+
+    taken = [True]
+    p = ThreadPolicy(idle=2, machine_busy=lambda: taken[0])
+    assert p.choose(1, others_waiting=False) == (1, False)  # not even probed: 2 threads would collapse
+    taken[0] = False
+    assert p.choose(1, others_waiting=False) == (2, True)
+
+
+def test_thread_policy_refuses_bad_values():
+    from service.batching import ThreadPolicy
+
+    with pytest.raises(ValueError):
+        ThreadPolicy(idle=0)
+
+
+class Threaded(Recording):
+    """A Recording backend with ``set_threads``; records the count used by each call."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.counts: list[int] = []
+        self.current = 1
+
+    def set_threads(self, n: int) -> None:
+        self.current = n
+        self.inner.set_threads(n)
+
+    def embed_array(self, batch):
+        self.counts.append(self.current)
+        return super().embed_array(batch)
+
+
+def test_batcher_runs_a_lone_query_on_idle_threads_and_a_batch_on_one(model_dir, store, inputs, monkeypatch):
+    import service.batching as sb
+    from models.backends import TorchBackend
+
+    arrays, singles = inputs
+    faiss_calls: list[tuple[str, int]] = []
+    real = sb._set_faiss_threads
+    monkeypatch.setattr(sb, "_set_faiss_threads",
+                        lambda n: (faiss_calls.append((threading.current_thread().name, n)), real(n)))
+    monkeypatch.setattr(sb, "_cores_taken", lambda: False)  # this test's machine may be busy
+    holder = {}
+
+    def factory():
+        import torch
+
+        torch.set_num_threads(1)
+        holder["b"] = Threaded(TorchBackend(model_dir, bf16=False))
+        return holder["b"]
+
+    mb = MicroBatcher(factory, idle_threads=2, max_batch=8, wait_ms=50)
+    mb.start().result(60)
+    mb.attach_index(store)
+    try:
+        b = holder["b"]
+        start_calls = len(b.counts)
+        vec, hits = asyncio.run(_search_all(mb, arrays[:1], [3]))[0]
+        assert b.counts[start_calls] == 2 and hits
+        np.testing.assert_allclose(vec, singles[0], atol=1e-4)  # same vector with two threads
+        assert all(n == 1 for _, n in faiss_calls)  # searches stay on 1 FAISS thread (the OpenMP trap)
+        n = len(b.counts)
+        results = asyncio.run(_search_all(mb, arrays, [3] * len(arrays)))
+        assert [b.sizes[i] for i in range(n, len(b.sizes))] != [1] * (len(b.sizes) - n)  # batched
+        assert all(c == 1 for c, s in zip(b.counts[n:], b.sizes[n:]) if s > 1)            # batches: one thread
+        for (v, _), ref in zip(results, singles):
+            np.testing.assert_allclose(v, ref, atol=1e-4)
+    finally:
+        mb.stop()
