@@ -19,7 +19,10 @@ def _default(info) -> str:
 
     d = info.default
     if d is PydanticUndefined:
-        return "(required)"
+        if info.default_factory is not None:
+            d = info.default_factory()
+        else:
+            return "(required)"
     return f"`{d!r}`" if not isinstance(d, str) else f"`{d}`"
 
 
