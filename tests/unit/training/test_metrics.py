@@ -12,10 +12,14 @@ out by both.
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator  # the oracle: required
+from pytorch_metric_learning.utils.inference import FaissKNN
 
 from training.metrics import retrieval_metrics
 
@@ -56,13 +60,8 @@ def brute_force(query, q_labels, reference=None, r_labels=None, ks=(1, 2, 4, 8))
 
 
 def pml_metrics(query, q_labels, reference=None, r_labels=None, *, flat_ip=True):
-    torch = pytest.importorskip("torch")
-    ac_mod = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
-    import faiss
-    from pytorch_metric_learning.utils.inference import FaissKNN
-
     knn = FaissKNN(index_init_fn=faiss.IndexFlatIP) if flat_ip else None
-    calc = ac_mod.AccuracyCalculator(
+    calc = AccuracyCalculator(
         include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
         k="max_bin_count",
         device=torch.device("cpu"),
