@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from index import generations as gens
 from index.errors import IndexStoreError
 from index.metadata import DB_FILE, _connect
+from models.decode import image_ext
 
 if TYPE_CHECKING:
     from index.store import IndexStore
@@ -68,10 +69,6 @@ _SCHEMA = (
 
 _COLS = ("id, created, verdict, query_id, query_file, query_source, query_path, query_label, query_sha256, "
          "result_id, result_file, result_source, result_path, result_label, result_sha256")
-
-#: Extension stored for an uploaded query image, from its magic bytes (the formats lookalike decodes).
-_MAGIC_EXT = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"))
-
 
 @dataclass(frozen=True)
 class FeedbackRecord:
@@ -124,20 +121,6 @@ def check_verdict(verdict: str) -> str:
     if verdict not in VERDICTS:
         raise ValueError(f"verdict {verdict!r} is not allowed; allowed: {list(VERDICTS)}")
     return verdict
-
-
-def image_ext(data: bytes) -> str:
-    """File extension of an image in a format lookalike decodes (JPEG, PNG, GIF, WebP).
-
-    Raises:
-        ValueError: the bytes are not one of those formats.
-    """
-    for magic, ext in _MAGIC_EXT:
-        if data.startswith(magic):
-            return ext
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    raise ValueError("query_bytes are not a JPEG, PNG, GIF or WebP image")
 
 
 def _has_table(con: sqlite3.Connection) -> bool:
