@@ -58,11 +58,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: The unit tests that state each core file's behaviour (run for every mutant of that file).
 TESTS: dict[str, list[str]] = {
-    "training/losses.py": ["tests/unit/training/test_losses.py", "tests/unit/training/test_xbm.py"],
-    "training/miners.py": ["tests/unit/training/test_miners.py"],
+    "training/losses.py": ["tests/unit/training/test_losses.py", "tests/unit/training/test_loss_boundaries.py",
+                           "tests/unit/training/test_xbm.py"],
+    "training/miners.py": ["tests/unit/training/test_miners.py", "tests/unit/training/test_loss_boundaries.py"],
     "training/metrics.py": ["tests/unit/training/test_metrics.py"],
     "index/store.py": ["tests/unit/index"],
     "service/uploads.py": [
+        "tests/unit/service/test_uploads.py",
         "tests/unit/service/test_upload_catalogue.py",
         "tests/unit/service/test_search_api.py",
         "tests/unit/service/test_api_errors.py",
