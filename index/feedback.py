@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from index import generations as gens
 from index.errors import IndexStoreError
 from index.metadata import DB_FILE, _connect
 from models.decode import image_ext
+from models.io import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
     from index.store import IndexStore
@@ -143,10 +143,10 @@ def _keep_upload_copy(directory: Path, name: str) -> str:
     try:
         os.link(src, tmp)
         os.replace(tmp, dst)
-        gens.fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except OSError:  # no hard links on this file system: copy
         tmp.unlink(missing_ok=True)
-        gens.atomic_write_bytes(dst, src.read_bytes())
+        atomic_write(dst, src.read_bytes())
     return rel
 
 
@@ -192,7 +192,7 @@ def add_feedback(store: IndexStore, *, verdict: str, result_id: int, query_id: i
         target = directory / query_file
         if not target.is_file():  # content-addressed: an existing file holds these very bytes
             target.parent.mkdir(exist_ok=True)
-            gens.atomic_write_bytes(target, bytes(query_bytes))  # before the row that points to it
+            atomic_write(target, bytes(query_bytes))  # before the row that points to it
     cols = "id, path, label, sha256, source"
     with store.db.write_transaction() as con:
         for stmt in _SCHEMA:

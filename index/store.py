@@ -40,6 +40,7 @@ from index.errors import CorruptIndexError, IndexStoreError, ModelMismatchError
 from index.locking import RWLock, WriterLock
 from index.metadata import DB_FILE, MetadataDB, validate_record
 from index.records import ImageRecord, SearchHit
+from models.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class IndexStore:
             store = cls(d, config, db, lock=lock)
             store.checkpoint()  # generation 1: empty, so a reader can open at once
             # store.json last: its presence marks a completely created index
-            gens.atomic_write_bytes(d / STORE_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+            atomic_write(d / STORE_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         except BaseException:
             lock.release()
             raise
@@ -206,7 +207,7 @@ class IndexStore:
     def sweep(self) -> dict[str, int]:
         """Remove what a killed writer can leave behind; returns and logs the counts.
 
-        * ``temporary``: ``.<name>.<pid>.tmp`` files of unfinished atomic writes (index root and
+        * ``temporary``: ``.<name>.*.tmp`` files of unfinished atomic writes (index root and
           ``uploads/``) and ``generations/.tmp-*`` directories of unfinished publishes;
         * ``orphan_uploads``: files in ``uploads/`` that no record points to (written before a
           kill or a failed metadata write, never acknowledged).
@@ -600,7 +601,7 @@ class IndexStore:
         up = self.directory / UPLOADS_DIR
         up.mkdir(exist_ok=True)
         name = f"{sha}.{ext}"
-        gens.atomic_write_bytes(up / name, bytes(data))
+        atomic_write(up / name, bytes(data))
         try:
             (i,) = self.add(v, [{"path": name, "label": label, "sha256": sha, "size": len(data),
                                  "mtime": time.time(), "source": "upload"}])
