@@ -371,7 +371,17 @@ def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return {"soft": cfg.loss.soft}
 
 
-def _param_groups(model: EmbeddingNet, aux: nn.Module | None, cfg: TrainConfig) -> list[dict[str, Any]]:
+def miner_from_config(cfg: TrainConfig):
+    """The miner ``loss.miner`` names (None for ``none``), with ``loss.miner_margin`` (default
+    ``loss.margin``) for the margin miners."""
+    margin = cfg.loss.miner_margin if cfg.loss.miner_margin is not None else cfg.loss.margin
+    kwargs: dict[str, Any] = {"distance": cfg.loss.distance}
+    if cfg.loss.miner in ("semi_hard", "batch_all"):
+        kwargs["margin"] = margin
+    return build_miner(None if cfg.loss.miner == "none" else cfg.loss.miner, **kwargs)
+
+
+def param_groups(model: EmbeddingNet, aux: nn.Module | None, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Optimizer groups: backbone at ``optim.lr``, neck/head/aux at ``lr * head_lr_mult``;
     no weight decay on biases and norms; frozen parameters left out."""
     head_params = list(model.neck.parameters()) + list(model.head.parameters()) + (list(aux.parameters()) if aux else [])
@@ -539,14 +549,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                              warmup_steps=cfg.loss.memory_warmup_steps, miner=cfg.loss.memory_miner,
                              margin=cfg.loss.margin, pos_margin=cfg.loss.pos_margin, squared=cfg.loss.squared,
                              balance=cfg.loss.balance, reduction=cfg.loss.reduction, distance=cfg.loss.distance)
-    miner_margin = cfg.loss.miner_margin if cfg.loss.miner_margin is not None else cfg.loss.margin
-    miner_kwargs: dict[str, Any] = {"distance": cfg.loss.distance}
-    if cfg.loss.miner in ("semi_hard", "batch_all"):
-        miner_kwargs["margin"] = miner_margin
-    miner = injected_miner if injected_miner is not None else build_miner(
-        None if cfg.loss.miner == "none" else cfg.loss.miner, **miner_kwargs)
+    miner = injected_miner if injected_miner is not None else miner_from_config(cfg)
 
-    optimizer = build_optimizer(cfg.optim.name, _param_groups(model, aux, cfg), lr=cfg.optim.lr,
+    optimizer = build_optimizer(cfg.optim.name, param_groups(model, aux, cfg), lr=cfg.optim.lr,
                                 weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     steps_per_epoch = len(sampler)
     schedule = lr_lambda_factory(

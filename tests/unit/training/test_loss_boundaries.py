@@ -178,3 +178,17 @@ def test_contrastive_active_fractions_per_kind(mode):
     assert fn.stats["num_neg_pairs"] == 6
     assert fn.stats["neg_active_fraction"] == pytest.approx(3 / 6)
     assert fn.stats["active_fraction"] == pytest.approx(6 / 10)
+
+
+def test_hard_fraction_does_not_count_ties_as_hard():
+    """Orthonormal embeddings: every distance is exactly sqrt(2), so no negative is closer than
+    the positive; with one negative pulled in, exactly that anchor's triplet is hard."""
+    x = torch.eye(4)
+    labels = torch.tensor([0, 0, 1, 1])
+    m = BatchHardMiner()
+    m(x, labels)
+    assert m.stats["num_triplets"] == 4 and m.stats["hard_fraction"] == 0.0
+    x2 = x.clone()
+    x2[2] = F.normalize(x[0] + 0.2 * x[2], dim=0)  # 2 is now closer to 0 than 1 is
+    m(x2, labels)
+    assert m.stats["hard_fraction"] == pytest.approx(0.5)  # anchors 0 and 2
