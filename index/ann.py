@@ -114,10 +114,6 @@ def ann_factory(n: int) -> str:
     return f"IVF{nlist_for(n)},Flat"
 
 
-def is_flat(index: faiss.Index) -> bool:
-    return isinstance(index, faiss.IndexIDMap) and isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
-
-
 def empty_index(factory: str, dim: int) -> faiss.Index:
     """An untrained/empty index for a concrete factory (``Flat`` or an IVF string)."""
     if factory == "Flat":

@@ -243,18 +243,14 @@ class IndexStore:
             log.info("%s: start-up sweep found no temporary files or orphan uploads", self.directory)
         return counts
 
-    def close(self, *, checkpoint: bool = False) -> None:
-        """Release the writer lock (after publishing a generation if ``checkpoint``)."""
+    def close(self) -> None:
+        """Close the metadata database and release the writer lock (idempotent)."""
         if self._closed:
             return
-        try:
-            if checkpoint and self.writable and self._seq != self._published_seq():
-                self.checkpoint()
-        finally:
-            self._closed = True
-            self.db.close()
-            if self._lock is not None:
-                self._lock.release()
+        self._closed = True
+        self.db.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> "IndexStore":
         return self
@@ -276,10 +272,6 @@ class IndexStore:
     def model_dir(self) -> Path | None:
         m = self._config.get("model_dir")
         return Path(m) if m else None
-
-    @property
-    def card_dict(self) -> dict:
-        return dict(self._config["card"])
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:

@@ -179,10 +179,6 @@ class MicroBatcher:
             if isinstance(job, _Job):
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, NotRunning("service is stopping"))
 
-    @property
-    def running(self) -> bool:
-        return self._accepting
-
     # ---- admission --------------------------------------------------------------------------
     def _change(self, pending: int = 0, incoming: int = 0) -> None:
         with self._lock:
