@@ -180,12 +180,7 @@ def cmd_add(args) -> int:
     store = IndexStore.open(args.index, writable=True)
     try:
         model = _model_for(store, args.model)
-        card = load_card(model)
-        if card.fingerprint != store.fingerprint:
-            from index.errors import ModelMismatchError
-
-            raise ModelMismatchError(f"{args.index}: the index was built with model fingerprint {store.fingerprint}, "
-                                     f"but {model} has fingerprint {card.fingerprint}")
+        store.check_model(load_card(model))
         return _ingest(store, model, args.images or str(store.images_root), args)
     finally:
         store.close()
@@ -242,11 +237,7 @@ def cmd_search(args) -> int:
     with IndexStore.open(args.index) as store:
         model = _model_for(store, args.model)
         backend = load_backend(model, args.backend)
-        if backend.card.fingerprint != store.fingerprint:
-            from index.errors import ModelMismatchError
-
-            raise ModelMismatchError(f"{args.index}: the index was built with model fingerprint {store.fingerprint}, "
-                                     f"but {model} has fingerprint {backend.card.fingerprint}")
+        store.check_model(backend.card)
         img = decode_image(Path(args.image))
         q = backend.embed_images([img])
         hits = store.search(q, args.k)[0]

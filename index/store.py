@@ -82,6 +82,20 @@ def _card_fingerprint(card) -> str:
     return fp
 
 
+def check_model(directory: str | Path, index_fingerprint: str, card) -> None:
+    """The one check that a model may embed for an index: its card's fingerprint is the index's.
+
+    Raises:
+        ValueError: the card has no fingerprint (an unsaved model).
+        ModelMismatchError: the fingerprints differ (both named).
+    """
+    fp = _card_fingerprint(card)
+    if fp != index_fingerprint:
+        raise ModelMismatchError(
+            f"{directory}: the index was built with model fingerprint {index_fingerprint}, but the model given "
+            f"has fingerprint {fp}; use the same model or build a new index")
+
+
 class IndexStore:
     """Searchable, persistent, crash-safe index of (N, D) float32 unit embeddings.
 
@@ -182,11 +196,8 @@ class IndexStore:
             raise CorruptIndexError(f"{cfg_path}: unreadable ({exc})") from None
         if config.get("format") != "lookalike-index" or config.get("version") != STORE_VERSION:
             raise CorruptIndexError(f"{cfg_path}: not a version-{STORE_VERSION} lookalike index")
-        if card is not None and _card_fingerprint(card) != config["fingerprint"]:
-            raise ModelMismatchError(
-                f"{d}: the index was built with model fingerprint {config['fingerprint']}, but the model given "
-                f"has fingerprint {card.fingerprint}; use the same model or build a new index"
-            )
+        if card is not None:
+            check_model(d, config["fingerprint"], card)
         lock = None
         if writable:
             lock = WriterLock(d)
@@ -267,6 +278,10 @@ class IndexStore:
             raise IndexStoreError(f"{self.directory}: the index is closed")
         if not self.writable:
             raise IndexStoreError(f"{self.directory}: opened read-only; open with writable=True to change it")
+
+    def check_model(self, card) -> None:
+        """Refuse a model this index was not built with (see :func:`check_model`)."""
+        check_model(self.directory, self.fingerprint, card)
 
     @property
     def model_dir(self) -> Path | None:

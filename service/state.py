@@ -191,8 +191,6 @@ class ServiceState:
         self.store = await loop.run_in_executor(self.write_pool, self._index_opener, self.card, self.writable)
         if self.store.dim != self.card.embedding_dim:
             raise RuntimeError(f"index dimension {self.store.dim} != model embedding_dim {self.card.embedding_dim}")
-        if self.store.fingerprint != self.card.fingerprint:
-            raise RuntimeError("index was built with another model (fingerprints differ)")
         self.batcher.attach_index(self.store)
         self.storage = StorageGuard(getattr(self.store, "directory", s.index_dir or "."), int(s.min_free_mb * MiB))
         # End-to-end self-check: one query through the real pipeline.

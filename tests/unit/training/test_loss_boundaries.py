@@ -178,6 +178,8 @@ def test_contrastive_active_fractions_per_kind(mode):
     assert fn.stats["num_neg_pairs"] == 6
     assert fn.stats["neg_active_fraction"] == pytest.approx(3 / 6)
     assert fn.stats["active_fraction"] == pytest.approx(6 / 10)
+    assert fn.stats["mean_pos_dist"] == pytest.approx((0.25 + 1.0 + 0.75 + 1.25) / 4)
+    assert fn.stats["mean_neg_dist"] == pytest.approx((0.75 + 2.0 + 0.5 + 1.75 + 0.25 + 1.0) / 6)
 
 
 def test_hard_fraction_does_not_count_ties_as_hard():
