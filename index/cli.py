@@ -107,14 +107,9 @@ def register(subparsers) -> None:
 
 
 def _read_classes(path: str | None) -> list[str] | None:
-    if path is None:
-        return None
-    from pathlib import Path
+    from models.io import read_class_list
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such classes file")
-    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return None if path is None else read_class_list(path)
 
 
 def _ingest(store, model: str, images: str, args) -> int:

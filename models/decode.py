@@ -63,6 +63,9 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{source}: {message}")
 
 
+#: File name endings of the formats decoded (a folder walk lists these; content still decides).
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif"})
+
 #: File extension and media type of each sniffed format (the one table for the whole project).
 FORMAT_EXT: dict[str, str] = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
 FORMAT_MEDIA_TYPE: dict[str, str] = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",

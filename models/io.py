@@ -64,6 +64,22 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def read_class_list(path: str | Path) -> list[str]:
+    """Class names from a text file, one per line; blank lines and ``#`` comments skipped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file names no class.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: class list not found")
+    names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not names:
+        raise ValueError(f"{p}: class list is empty")
+    return names
+
+
 def fsync_dir(path: str | Path) -> None:
     """fsync a directory, so that a rename or a new entry in it survives a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -37,19 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from index.ann import set_search_threads
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
-
-
-def _set_faiss_threads(n: int) -> None:
-    """FAISS (its own OpenMP runtime, separate from torch's) threads for the calling thread."""
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:  # pragma: no cover - faiss is a core dependency
-        log.warning("faiss not importable; search thread count not set")
 
 
 class Overloaded(Exception):
@@ -280,7 +272,7 @@ class MicroBatcher:
 
     # ---- threads ----------------------------------------------------------------------------
     def _infer_main(self) -> None:
-        _set_faiss_threads(self.search_threads)  # searches run here when nothing else waits
+        set_search_threads(self.search_threads)  # searches run here when nothing else waits
         try:
             backend = self._factory()
             size = backend.card.image_size
@@ -378,7 +370,7 @@ class MicroBatcher:
                 self._search_queue.put(item)
 
     def _search_main(self) -> None:
-        _set_faiss_threads(self.search_threads)
+        set_search_threads(self.search_threads)
         while True:
             item = self._search_queue.get()
             if item is _STOP:

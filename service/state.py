@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from index.ann import set_search_threads
 from models.decode import DecodeLimits
 from service.batching import MicroBatcher, NotRunning, Overloaded, Ticket
 from service.errors import ApiError, insufficient_storage, unavailable
@@ -181,7 +182,7 @@ class ServiceState:
         t0 = time.perf_counter()
         self.decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="lookalike-decode")
         self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="lookalike-write",
-                                             initializer=_limit_faiss_threads, initargs=(1,))
+                                             initializer=set_search_threads, initargs=(1,))
         self.batcher = MicroBatcher(self._backend_factory, max_batch=s.max_batch, wait_ms=s.batch_wait_ms,
                                     max_pending=s.max_pending, search_threads=s.search_threads,
                                     metrics=self.metrics)
@@ -366,13 +367,3 @@ class ServiceState:
         self._checkpoint_failures = 0
         self._checkpoint_not_before = 0.0
         log.info("checkpointed index generation %d after %d writes", gen, every)
-
-
-def _limit_faiss_threads(n: int) -> None:
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:  # pragma: no cover
-        pass
-

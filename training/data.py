@@ -22,12 +22,12 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from models.card import ModelCard
-from models.decode import ImageDecodeError, decode_image
+from models.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from models.io import read_class_list
 from models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -59,18 +59,12 @@ def scan_image_folder(root: str | Path) -> dict[str, list[Path]]:
         if files:
             out[d.name] = files
     if not out:
-        raise ValueError(f"{base}: no class folders with images ({', '.join(IMAGE_SUFFIXES)}) found; expected <root>/<class>/<image>")
+        raise ValueError(f"{base}: no class folders with images ({', '.join(sorted(IMAGE_SUFFIXES))}) found; expected <root>/<class>/<image>")
     return out
 
 
 def _read_class_list(root: Path, rel: str) -> list[str]:
-    p = Path(rel) if Path(rel).is_absolute() else root / rel
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: class list not found")
-    names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    if not names:
-        raise ValueError(f"{p}: class list is empty")
-    return names
+    return read_class_list(Path(rel) if Path(rel).is_absolute() else root / rel)
 
 
 def make_splits(
