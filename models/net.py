@@ -13,7 +13,7 @@ from models.card import ModelCard
 #: (D = feature_dim), which is what a pretrained backbone's zero-shot embedding is.
 HEADS = ("none", "linear", "mlp")
 
-#: Head activations, by name (from the seed lecture).
+#: Head activations, by name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,

@@ -42,17 +42,16 @@ IndexOpener = Callable[[Any, bool], Any]  # (card, writable) -> IndexStore
 
 
 def resolve_backend_name(settings: Settings) -> str:
-    """``torch`` or ``onnx`` for ``settings.backend``. ``auto`` (by measurement, bench_service.py):
+    """``torch`` or ``onnx`` for ``settings.backend``. ``auto``:
 
     * torch with bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX): it embeds exactly
-      like ``lookalike index build`` (torch, bf16 when supported), its batched forward is the
-      cheapest per image (3.7 ms at batch 8 vs 5.1 for ONNX Runtime), and under 8 clients it
-      served as many queries as ONNX Runtime (6 interleaved head-to-head runs: -1.5% to +13%,
-      median +2%). ONNX Runtime answers a lone client faster (p50 12.6 vs 17.3 ms): choose it
-      with ``LOOKALIKE_BACKEND=onnx`` when latency at low load matters most.
-    * otherwise ONNX Runtime when the model has an ONNX export (faster than torch fp32 at batch
-      1 and 8: 6.2 vs 12.2 ms, 40.4 vs 47.8 ms), and always when torch is not installed;
+      like ``lookalike index build`` and its batched forward is the cheapest per image
+      (``LOOKALIKE_BACKEND=onnx`` answers a lone client faster);
+    * otherwise ONNX Runtime when the model has an ONNX export, and always when torch is not
+      installed;
     * otherwise torch.
+
+    The measurements behind the rule: docs/design.md, "Service: the auto inference backend".
     """
     if settings.backend != "auto":
         return settings.backend

@@ -68,7 +68,7 @@ def use_bf16(amp: str, device: torch.device) -> bool:
 
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float, weight_decay: float,
                     momentum: float = 0.9) -> torch.optim.Optimizer:
-    """torch.optim optimizer by name (the seed lecture's set)."""
+    """torch.optim optimizer by name."""
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay)
     if name == "sgd_momentum":
