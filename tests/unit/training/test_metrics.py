@@ -211,4 +211,3 @@ def test_property_matches_bruteforce_and_is_monotone(labels, seed, block):
     assert ours == pytest.approx(brute_force(x, y), abs=1e-9)
     recalls = [ours[f"recall@{k}"] for k in (1, 2, 4, 8)]
     assert recalls == sorted(recalls)
-    assert all(0.0 <= v <= 1.0 for k, v in ours.items() if k != "num_queries")
