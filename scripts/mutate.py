@@ -479,6 +479,31 @@ def summary(path: str, results: list[Result]) -> dict:
             "survived": total - killed - equivalent, "unreached": unreached, "kill_rate": round(rate, 3)}
 
 
+def _table(summaries: list[dict]) -> None:
+    print("\n| file | killed | non-equivalent | equivalent | rate |\n|---|---|---|---|---|")
+    for s in summaries:
+        print(f"| {s['file']} | {s['killed']} | {s['mutants'] - s['equivalent']} | {s['equivalent']} "
+              f"| {100 * s['kill_rate']:.0f}% |")
+
+
+def _rescore(path: Path, equivalent: dict[str, str], target: float) -> int:
+    """The table of an earlier run with the current equivalent list (survivors it names become
+    equivalent; the rest are listed)."""
+    data = json.loads(path.read_text())
+    by_file: dict[str, list[Result]] = {}
+    for r in data["results"]:
+        res = Result(**r)
+        key = f"{res.path}:{res.line} | {res.mutated}"
+        if res.status in ("survived", "unreached", "equivalent"):
+            res.status = "equivalent" if key in equivalent else ("survived" if res.status == "equivalent" else res.status)
+            if res.status != "equivalent":
+                print(f"SURVIVED {key}  (was: {res.original})")
+        by_file.setdefault(res.path, []).append(res)
+    summaries = [summary(p, rs) for p, rs in by_file.items()]
+    _table(summaries)
+    return 0 if all(s["kill_rate"] >= target for s in summaries) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", help=f"core files to mutate (from: {', '.join(TESTS)})")
@@ -491,7 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every result here")
     ap.add_argument("--target", type=float, default=0.9, help="kill rate each file must reach (default 0.9)")
     ap.add_argument("--quiet", action="store_true", help="no per-mutant line")
+    ap.add_argument("--rescore", type=Path, metavar="JSON",
+                    help="no run: re-read the equivalent list and print the table of an earlier --json")
     args = ap.parse_args(argv)
+    if args.rescore:
+        return _rescore(args.rescore, read_equivalent(), args.target)
     files = list(TESTS) if args.all else args.files
     bad = [f for f in files if f not in TESTS]
     if not files or bad:
@@ -523,10 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"SURVIVED {r.path}:{r.line} {r.op}: {r.original}  =>  {r.mutated}")
     if args.list:
         return 0
-    print("\n| file | killed | non-equivalent | equivalent | rate |\n|---|---|---|---|---|")
-    for s in summaries:
-        print(f"| {s['file']} | {s['killed']} | {s['mutants'] - s['equivalent']} | {s['equivalent']} "
-              f"| {100 * s['kill_rate']:.0f}% |")
+    _table(summaries)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"summary": summaries, "results": [asdict(r) for r in everything]},
