@@ -222,7 +222,6 @@ def cmd_info(args) -> int:
 def cmd_search(args) -> int:
     from pathlib import Path
 
-    from models import decode_image
     from models.backends import load_backend
 
     from index.store import IndexStore
@@ -233,8 +232,9 @@ def cmd_search(args) -> int:
         model = _model_for(store, args.model)
         backend = load_backend(model, args.backend)
         store.check_model(backend.card)
-        img = decode_image(Path(args.image))
-        q = backend.embed_images([img])
+        # bytes -> model input exactly as the batch job and the service decode (JPEG draft included),
+        # so an indexed image finds itself at 1.0
+        q = backend.embed_array(backend.preprocess.load(Path(args.image), source=str(args.image))[None])
         hits = store.search(q, args.k)[0]
         root = store.images_root
     if args.json:
