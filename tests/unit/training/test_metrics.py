@@ -12,14 +12,11 @@ out by both.
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
-import torch
+import pytorch_metric_learning  # noqa: F401 - the oracle: a hard test dependency (a missing PML fails here)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator  # the oracle: required
-from pytorch_metric_learning.utils.inference import FaissKNN
 
 from training.metrics import retrieval_metrics
 
@@ -60,6 +57,13 @@ def brute_force(query, q_labels, reference=None, r_labels=None, ks=(1, 2, 4, 8))
 
 
 def pml_metrics(query, q_labels, reference=None, r_labels=None, *, flat_ip=True):
+    # Imported here, not at collection: PML's inference module imports faiss.contrib.torch_utils,
+    # which patches every faiss index class process-wide (the index tests would then run on it).
+    import faiss
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import FaissKNN
+
     knn = FaissKNN(index_init_fn=faiss.IndexFlatIP) if flat_ip else None
     calc = AccuracyCalculator(
         include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
