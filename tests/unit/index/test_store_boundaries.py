@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from index import IndexStore
+from index import IndexStore, IndexStoreError
 from index.metadata import MetadataDB
 from tests.unit.index.helpers import DIM, records, unit
 
@@ -140,3 +140,140 @@ def test_an_image_path_resolves_inside_its_root(tmp_path, card, rng):
         assert s.image_path(i) == (root / "x" / "0.jpg").resolve()
         assert s.image_path(i + 100) is None
 
+
+
+# ---------------------------------------------------------------------------- lifecycle
+
+
+def test_a_read_only_store_refuses_every_write(tmp_path, card, rng):
+    d = tmp_path / "ix"
+    with IndexStore.create(d, card=card, images_root=tmp_path) as s:
+        s.add(unit(rng, 3), records(3))
+    with IndexStore.open(d, card=card) as ro:
+        for write in (lambda: ro.add(unit(rng, 1), records(1, 3)),
+                      lambda: ro.add_upload(b"\xff\xd8\xff" + b"x" * 20, unit(rng, 1)[0], label=None, ext="jpg"),
+                      lambda: ro.remove([1]), ro.checkpoint, ro.sweep):
+            with pytest.raises(IndexStoreError, match="read-only"):
+                write()
+        assert len(ro) == 3
+
+
+def test_a_closed_store_refuses_writes_and_closes_once(store, rng):
+    store.add(unit(rng, 2), records(2))
+    store.close()
+    with pytest.raises(IndexStoreError, match="closed"):
+        store.add(unit(rng, 1), records(1, 2))
+    store.close()  # idempotent
+
+
+def test_a_failed_writable_open_releases_the_writer_lock(tmp_path, card, monkeypatch):
+    d = tmp_path / "ix"
+    IndexStore.create(d, card=card, images_root=tmp_path).close()
+
+    def broken(self):
+        raise RuntimeError("load failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(IndexStore, "_load", broken)
+        with pytest.raises(RuntimeError, match="load failed"):
+            IndexStore.open(d, card=card, writable=True)
+    IndexStore.open(d, card=card, writable=True).close()  # not IndexLockedError
+
+
+def test_open_with_another_images_root_resolves_paths_there(tmp_path, card, rng):
+    d = tmp_path / "ix"
+    with IndexStore.create(d, card=card, images_root=tmp_path / "old") as s:
+        (i,) = s.add(unit(rng, 1), records(1))
+    moved = tmp_path / "new"
+    (moved / "x").mkdir(parents=True)
+    (moved / "x" / "0.jpg").write_bytes(b"j")
+    with IndexStore.open(d, card=card, images_root=moved) as s:
+        assert s.image_path(i) == (moved / "x" / "0.jpg").resolve()
+
+
+def test_vectors_of_the_wrong_width_are_refused_by_name(store, rng):
+    with pytest.raises(ValueError, match=rf"\(N, {DIM}\)"):
+        store.add(unit(rng, 2, DIM + 1), records(2))
+
+
+def test_the_start_up_sweep_keeps_hidden_entries_of_uploads(tmp_path, card, rng):
+    d = tmp_path / "ix"
+    with IndexStore.create(d, card=card, images_root=tmp_path) as s:
+        rec = s.add_upload(b"\xff\xd8\xff" + b"y" * 40, unit(rng, 1)[0], label=None, ext="jpg")
+        s.remove([rec.id])  # its bytes wait in uploads/.deleted/
+    trash = d / "uploads" / ".deleted"
+    assert [p.name for p in trash.iterdir()] == [rec.path]
+    with IndexStore.open(d, card=card, writable=True) as s:
+        assert s.sweep() == {"temporary": 0, "orphan_uploads": 0}
+    assert [p.name for p in trash.iterdir()] == [rec.path]
+
+
+def test_a_removed_upload_is_deleted_when_it_cannot_be_moved_to_the_trash(store, rng, monkeypatch):
+    import os
+
+    rec = store.add_upload(b"\xff\xd8\xff" + b"z" * 40, unit(rng, 1)[0], label=None, ext="jpg")
+    src = store.directory / "uploads" / rec.path
+
+    def cross_device(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    assert store.remove([rec.id]) == 1
+    assert not src.exists()
+
+
+def test_a_checkpoint_purges_trash_older_than_the_grace_period(store, rng, monkeypatch):
+    import time
+
+    rec = store.add_upload(b"\xff\xd8\xff" + b"w" * 40, unit(rng, 1)[0], label=None, ext="jpg")
+    store.remove([rec.id])
+    trash = store.directory / "uploads" / ".deleted"
+    store.checkpoint()
+    assert [p.name for p in trash.iterdir()] == [rec.path]  # within the grace period
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    store.checkpoint()
+    assert list(trash.iterdir()) == []
+
+
+def test_a_search_skips_a_hit_deleted_after_its_snapshot(store, rng, monkeypatch):
+    v = unit(rng, 5)
+    ids = store.add(v, records(5))
+    real = store.db.get_many
+    monkeypatch.setattr(store.db, "get_many", lambda wanted: {i: r for i, r in real(wanted).items() if i != ids[0]})
+    hits = store.search(v[:1], 3)[0]
+    assert [h.id for h in hits] and ids[0] not in [h.id for h in hits]
+
+
+def test_refresh_after_the_writer_pruned_the_log_reloads_and_says_so(tmp_path, card, rng):
+    d = tmp_path / "ix"
+    v = unit(rng, 18)
+    with IndexStore.create(d, card=card, images_root=tmp_path) as w:
+        w.add(v[:3], records(3))
+        w.checkpoint()
+        with IndexStore.open(d, card=card) as reader:
+            w.add(v[3:6], records(3, 3))
+            assert reader.refresh() == 3  # replayed from the log
+            for start in range(6, 18, 3):  # generations pile up; the log before the oldest kept is pruned
+                w.add(v[start:start + 3], records(3, start))
+                w.checkpoint()
+            assert reader.refresh() == -1  # reloaded from a generation
+            assert len(reader) == 18
+
+
+def test_auto_keeps_its_ivf_until_the_list_count_is_4x_off(tmp_path, card, monkeypatch):
+    """Hysteresis: growing from nlist 32 to a wanted 64 keeps the trained index."""
+    from index import ann
+    from tests.unit.index.helpers import clustered
+
+    monkeypatch.setattr(ann, "FLAT_MAX_ELEMENTS", 1000 * DIM)
+    v = clustered(np.random.default_rng(5), 8000, DIM, clusters=64)
+    with IndexStore.create(tmp_path / "ix", card=card, images_root=tmp_path) as s:
+        s.add(v[:2000], records(2000))
+        s.checkpoint()
+        assert s.info()["factory"] == "IVF32,Flat"
+        s.add(v[2000:], records(6000, 2000))
+        s.checkpoint()
+        info = s.info()
+        assert info["factory"] == "IVF32,Flat"  # nlist_for(8000) = 64: 2x, kept
+        assert info["recall_measured_on"] == {"queries": 800, "ntotal": 8000}  # re-tuned on a tenth

@@ -223,3 +223,17 @@ def test_uploads_are_draft_decoded_like_the_index_decodes_files():
     np.testing.assert_array_equal(got, drafted)
     np.testing.assert_array_equal(decode_to_input(data, pre, DEFAULT_LIMITS, jpeg_draft=False), full)
 
+
+
+def test_only_starlettes_400_becomes_bad_multipart(monkeypatch):
+    """Inside an app Starlette reports a malformed body as HTTPException(400); any other status
+    from the form parser is passed on untouched, not relabelled as a malformed body."""
+    from starlette.exceptions import HTTPException
+
+    async def form(self, **kw):
+        raise HTTPException(status_code=413, detail="too big")
+
+    monkeypatch.setattr(Request, "form", form)
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(read_upload(_bare_request(b"", "multipart/form-data; boundary=B"), LIMIT))
+    assert err.value.status_code == 413
