@@ -516,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every result here")
     ap.add_argument("--target", type=float, default=0.9, help="kill rate each file must reach (default 0.9)")
     ap.add_argument("--quiet", action="store_true", help="no per-mutant line")
+    ap.add_argument("--recheck", type=Path, metavar="JSON",
+                    help="run only the mutants that survived in an earlier --json (same source), with the "
+                         "current tests; the others keep their earlier status")
     ap.add_argument("--rescore", type=Path, metavar="JSON",
                     help="no run: re-read the equivalent list and print the table of an earlier --json")
     args = ap.parse_args(argv)
@@ -539,12 +542,21 @@ def main(argv: list[str] | None = None) -> int:
             lo, _, hi = args.lines.partition("-")
             mutants = [m for m in mutants if int(lo) <= m.line <= int(hi or lo)]
         mutants = mutants[:: args.sample]
+        earlier: list[Result] = []
+        if args.recheck:
+            old = [Result(**r) for r in json.loads(args.recheck.read_text())["results"] if r["path"] == path]
+            again = {f"{r.path}:{r.line} | {r.mutated}" for r in old if r.status in ("survived", "unreached")}
+            earlier = [r for r in old if f"{r.path}:{r.line} | {r.mutated}" not in again]
+            mutants = [m for m in generate(path) if m.key in again]
+            if len(mutants) != len(again):
+                raise SystemExit(f"{path}: {len(again) - len(mutants)} earlier survivors no longer exist; "
+                                 "the source changed since that run, run it again in full")
         if args.list:
             for m in mutants:
                 tag = "  (equivalent)" if m.key in equivalent else ""
                 print(f"{m.path}:{m.line} {m.op}: {m.original}  =>  {m.mutated}{tag}")
             continue
-        results = run_file(path, mutants, args.jobs, equivalent, progress=not args.quiet)
+        results = earlier + run_file(path, mutants, args.jobs, equivalent, progress=not args.quiet)
         everything += results
         summaries.append(summary(path, results))
         for r in results:
