@@ -277,3 +277,73 @@ def test_auto_keeps_its_ivf_until_the_list_count_is_4x_off(tmp_path, card, monke
         info = s.info()
         assert info["factory"] == "IVF32,Flat"  # nlist_for(8000) = 64: 2x, kept
         assert info["recall_measured_on"] == {"queries": 800, "ntotal": 8000}  # re-tuned on a tenth
+
+
+def test_create_over_a_crashed_create_starts_clean(tmp_path, card, rng):
+    d = tmp_path / "ix"
+    (d / "generations" / "000009").mkdir(parents=True)  # debris of a create killed before store.json
+    (d / "generations" / "000009" / "manifest.json").write_text("{}")
+    with IndexStore.create(d, card=card, images_root=tmp_path) as s:
+        assert sorted(p.name for p in (d / "generations").iterdir()) == ["000001"]
+        s.add(unit(rng, 2), records(2))
+        assert len(s) == 2
+
+
+def test_a_failed_create_releases_the_writer_lock(tmp_path, card, monkeypatch):
+    import index.store as store_mod
+
+    def broken(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "MetadataDB", broken)
+        with pytest.raises(OSError):
+            IndexStore.create(tmp_path / "ix", card=card, images_root=tmp_path)
+    IndexStore.create(tmp_path / "ix", card=card, images_root=tmp_path).close()  # not IndexLockedError
+
+
+@pytest.mark.parametrize("change", [{"version": 999}, {"format": "other"}])
+def test_an_index_of_another_format_or_version_is_refused(tmp_path, card, change):
+    import json
+
+    from index import CorruptIndexError
+
+    d = tmp_path / "ix"
+    IndexStore.create(d, card=card, images_root=tmp_path).close()
+    cfg = json.loads((d / "store.json").read_text())
+    (d / "store.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(CorruptIndexError, match="lookalike index"):
+        IndexStore.open(d, card=card)
+
+
+def test_a_single_query_vector_and_scores_are_cosines(store, rng):
+    v = unit(rng, 6)
+    store.add(v, records(6))
+    one = store.search(v[2] * 7.0, 3)  # (D,) and not unit norm
+    assert [h.id for h in one[0]] == [h.id for h in store.search(v[2:3], 3)[0]]
+    scores = [h.score for h in one[0]]
+    assert scores[0] == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(scores[1:], [float(v[2] @ store.vector(h.id)) for h in one[0][1:]], atol=1e-5)
+
+
+def test_each_removed_upload_waits_in_the_trash(store, rng):
+    recs = [store.add_upload(b"\xff\xd8\xff" + bytes([i]) * 30, unit(rng, 1)[0], label=None, ext="jpg")
+            for i in range(2)]
+    for r in recs:
+        store.remove([r.id])
+    assert sorted(p.name for p in (store.directory / "uploads" / ".deleted").iterdir()) == sorted(r.path for r in recs)
+
+
+def test_auto_keeps_its_ivf_when_the_collection_halves(tmp_path, card, monkeypatch):
+    from index import ann
+    from tests.unit.index.helpers import clustered
+
+    monkeypatch.setattr(ann, "FLAT_MAX_ELEMENTS", 1000 * DIM)
+    v = clustered(np.random.default_rng(6), 8000, DIM, clusters=64)
+    with IndexStore.create(tmp_path / "ix", card=card, images_root=tmp_path) as s:
+        ids = s.add(v, records(8000))
+        s.checkpoint()
+        assert s.info()["factory"] == "IVF64,Flat"
+        s.remove(ids[:6000])
+        s.checkpoint()
+        assert s.info()["factory"] == "IVF64,Flat"  # nlist_for(2000) = 32: 2x off, kept
