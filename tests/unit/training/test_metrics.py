@@ -104,6 +104,15 @@ def test_separate_reference_equals_pml(block_size):
     assert ours == pytest.approx(brute_force(q, qy, r, ry))
 
 
+def test_queries_whose_label_is_not_in_a_separate_reference_are_skipped():
+    x, y = make_data(n=120, seed=4)
+    query, q_labels = x[:30], y[:30].copy()
+    q_labels[:2] = [1000, 1001]  # no reference has these labels
+    ours = retrieval_metrics(query, q_labels, x[30:], y[30:])
+    assert ours["num_queries"] == 28
+    assert ours == pytest.approx(retrieval_metrics(query[2:], q_labels[2:], x[30:], y[30:]))
+
+
 def test_lone_queries_are_skipped_like_pml():
     x, y = make_data(n=120, seed=3)
     y = y.copy()
@@ -188,6 +197,7 @@ def test_perfect_and_values_are_plain_floats():
         ({"query": np.zeros((4, 3)), "query_labels": np.zeros(4)}, "all-zero rows"),
         ({"query": np.ones((4, 3)), "query_labels": np.zeros(4), "ks": (0, 1)}, "ks must be positive"),
         ({"query": np.ones((4, 3)), "query_labels": np.zeros(4), "block_size": 0}, "block_size"),
+        ({"query": np.array([["a", "b"]] * 4), "query_labels": np.zeros(4)}, "must be numeric"),
     ],
 )
 def test_bad_input_is_rejected(kwargs, match):
