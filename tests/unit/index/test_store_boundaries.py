@@ -347,3 +347,23 @@ def test_auto_keeps_its_ivf_when_the_collection_halves(tmp_path, card, monkeypat
         s.remove(ids[:6000])
         s.checkpoint()
         assert s.info()["factory"] == "IVF64,Flat"  # nlist_for(2000) = 32: 2x off, kept
+
+
+def test_the_sweep_leaves_a_directory_that_looks_like_a_temporary_file(tmp_path, card):
+    d = tmp_path / "ix"
+    IndexStore.create(d, card=card, images_root=tmp_path).close()
+    (d / ".odd.tmp").mkdir()
+    with IndexStore.open(d, card=card, writable=True) as s:
+        assert s.sweep()["temporary"] == 0
+    assert (d / ".odd.tmp").is_dir()
+
+
+def test_a_filtered_ivf_search_with_fewer_matches_than_k_returns_them_all(tmp_path, card, rng):
+    v = unit(rng, 200)
+    recs = records(198) + records(2, 198, label="rare")
+    with IndexStore.create(tmp_path / "ix", card=card, images_root=tmp_path, factory="IVF4,Flat") as s:
+        s.add(v, recs)
+        s.checkpoint()
+        assert s.info()["factory"] == "IVF4,Flat"
+        hits = s.search(v[:1], 5, label="rare")[0]
+        assert sorted(h.path for h in hits) == sorted(r["path"] for r in recs[198:])
