@@ -161,7 +161,7 @@ def test_a_read_only_store_refuses_every_write(tmp_path, card, rng):
 def test_a_closed_store_refuses_writes_and_closes_once(store, rng):
     store.add(unit(rng, 2), records(2))
     store.close()
-    with pytest.raises(IndexStoreError, match="closed"):
+    with pytest.raises(IndexStoreError, match="the index is closed"):
         store.add(unit(rng, 1), records(1, 2))
     store.close()  # idempotent
 
@@ -245,7 +245,7 @@ def test_a_search_skips_a_hit_deleted_after_its_snapshot(store, rng, monkeypatch
     assert [h.id for h in hits] and ids[0] not in [h.id for h in hits]
 
 
-def test_refresh_after_the_writer_pruned_the_log_reloads_and_says_so(tmp_path, card, rng):
+def test_refresh_after_the_writer_pruned_the_log_reloads_and_says_so(tmp_path, card, rng, caplog):
     d = tmp_path / "ix"
     v = unit(rng, 18)
     with IndexStore.create(d, card=card, images_root=tmp_path) as w:
@@ -254,6 +254,7 @@ def test_refresh_after_the_writer_pruned_the_log_reloads_and_says_so(tmp_path, c
         with IndexStore.open(d, card=card) as reader:
             w.add(v[3:6], records(3, 3))
             assert reader.refresh() == 3  # replayed from the log
+            assert len(reader) == 6 and "rebuilding" not in caplog.text  # applied, not rebuilt
             for start in range(6, 18, 3):  # generations pile up; the log before the oldest kept is pruned
                 w.add(v[start:start + 3], records(3, start))
                 w.checkpoint()
@@ -367,3 +368,16 @@ def test_a_filtered_ivf_search_with_fewer_matches_than_k_returns_them_all(tmp_pa
         assert s.info()["factory"] == "IVF4,Flat"
         hits = s.search(v[:1], 5, label="rare")[0]
         assert sorted(h.path for h in hits) == sorted(r["path"] for r in recs[198:])
+
+
+def test_a_store_without_a_usable_generation_rebuilds_and_reports_none(tmp_path, card, rng):
+    import shutil
+
+    d = tmp_path / "ix"
+    v = unit(rng, 4)
+    with IndexStore.create(d, card=card, images_root=tmp_path) as s:
+        s.add(v, records(4))
+    shutil.rmtree(d / "generations")
+    with IndexStore.open(d, card=card) as s:
+        assert len(s) == 4 and s.info()["generation"] == 0
+        assert s.search(v[1:2], 1)[0][0].score == pytest.approx(1.0, abs=1e-5)
