@@ -680,14 +680,16 @@ class IndexStore:
         return True
 
     def _published_seq(self) -> int:
+        """The change seq the current generation holds; 0 (before the first change, seqs start at
+        1) when none is published or readable, so that every change counts as pending."""
         for number in gens.list_generations(self.directory):
             if number == self.generation:
                 try:
                     return int(json.loads((gens.gen_path(self.directory, number) / gens.MANIFEST_FILE)
                                           .read_text())["last_seq"])
                 except (OSError, ValueError, KeyError):
-                    return -1
-        return -1
+                    return 0
+        return 0
 
     def checkpoint(self) -> int:
         """Publish the current state as a new generation (atomically); returns its number.

@@ -380,4 +380,13 @@ def test_a_store_without_a_usable_generation_rebuilds_and_reports_none(tmp_path,
     shutil.rmtree(d / "generations")
     with IndexStore.open(d, card=card) as s:
         assert len(s) == 4 and s.info()["generation"] == 0
+        assert s.info()["pending_changes"] == 4  # the four adds, none published
         assert s.search(v[1:2], 1)[0][0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_explicit_two_list_ivf_replaces_flat_once_it_has_enough_vectors(tmp_path, card, rng):
+    v = unit(rng, 78)
+    with IndexStore.create(tmp_path / "ix", card=card, images_root=tmp_path, factory="IVF2,Flat") as s:
+        s.add(v, records(78))
+        s.checkpoint()
+        assert s.info()["factory"] == "IVF2,Flat"
