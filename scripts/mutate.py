@@ -544,13 +544,15 @@ def main(argv: list[str] | None = None) -> int:
         mutants = mutants[:: args.sample]
         earlier: list[Result] = []
         if args.recheck:
+            # matched by their text, not their line, so that edits elsewhere in the file do not
+            # lose them; a survivor whose line was edited is gone (reported)
             old = [Result(**r) for r in json.loads(args.recheck.read_text())["results"] if r["path"] == path]
-            again = {f"{r.path}:{r.line} | {r.mutated}" for r in old if r.status in ("survived", "unreached")}
-            earlier = [r for r in old if f"{r.path}:{r.line} | {r.mutated}" not in again]
-            mutants = [m for m in generate(path) if m.key in again]
-            if len(mutants) != len(again):
-                raise SystemExit(f"{path}: {len(again) - len(mutants)} earlier survivors no longer exist; "
-                                 "the source changed since that run, run it again in full")
+            again = {(r.op, r.original, r.mutated) for r in old if r.status in ("survived", "unreached")}
+            earlier = [r for r in old if (r.op, r.original, r.mutated) not in again]
+            mutants = [m for m in generate(path) if (m.op, m.original, m.mutated) in again]
+            gone = again - {(m.op, m.original, m.mutated) for m in mutants}
+            for op, original, mutated in sorted(gone):
+                print(f"GONE {path} {op}: {original}  =>  {mutated}  (its line changed since that run)")
         if args.list:
             for m in mutants:
                 tag = "  (equivalent)" if m.key in equivalent else ""
