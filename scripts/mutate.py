@@ -547,12 +547,17 @@ def main(argv: list[str] | None = None) -> int:
             # matched by their text, not their line, so that edits elsewhere in the file do not
             # lose them; a survivor whose line was edited is gone (reported)
             old = [Result(**r) for r in json.loads(args.recheck.read_text())["results"] if r["path"] == path]
-            again = {(r.op, r.original, r.mutated) for r in old if r.status in ("survived", "unreached")}
-            earlier = [r for r in old if (r.op, r.original, r.mutated) not in again]
-            mutants = [m for m in generate(path) if (m.op, m.original, m.mutated) in again]
-            gone = again - {(m.op, m.original, m.mutated) for m in mutants}
-            for op, original, mutated in sorted(gone):
-                print(f"GONE {path} {op}: {original}  =>  {mutated}  (its line changed since that run)")
+            survivors = [r for r in old if r.status in ("survived", "unreached")]
+            earlier = [r for r in old if r.status not in ("survived", "unreached")]
+            pool = generate(path)
+            mutants = []
+            for r in survivors:  # one-to-one: the same text, nearest line (a line can repeat elsewhere)
+                same = [m for m in pool if (m.op, m.original, m.mutated) == (r.op, r.original, r.mutated)
+                        and m not in mutants]
+                if same:
+                    mutants.append(min(same, key=lambda m: abs(m.line - r.line)))
+                else:
+                    print(f"GONE {path}:{r.line} {r.op}: {r.original}  =>  {r.mutated}  (its line changed)")
         if args.list:
             for m in mutants:
                 tag = "  (equivalent)" if m.key in equivalent else ""
