@@ -5,7 +5,7 @@ metadata (the source of truth, vectors included), versioned atomic generations, 
 writer with concurrent searches, and the batch job that indexes folders of images.
 """
 
-from index.errors import (CorruptIndexError, IndexError_, IndexFullError, IndexLockedError, IndexStoreError,
+from index.errors import (CorruptIndexError, IndexFullError, IndexLockedError, IndexStoreError,
                           ModelMismatchError)
 from index.records import ImageRecord, SearchHit
 from index.store import IndexStore
@@ -24,6 +24,6 @@ __getattr__ = lazy_getattr("index", _LAZY)
 
 
 __all__ = [
-    "SearchHit", "ImageRecord", "IndexStore", "IndexStoreError", "IndexError_", "IndexLockedError",
+    "SearchHit", "ImageRecord", "IndexStore", "IndexStoreError", "IndexLockedError",
     "ModelMismatchError", "CorruptIndexError", "IndexFullError", *_LAZY,
 ]

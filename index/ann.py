@@ -13,10 +13,10 @@ HNSW is refused: FAISS cannot delete from an HNSW graph, and the index must neve
 deleted id.
 
 ``auto`` is exact (``Flat``) while N * D <= :data:`FLAT_MAX_ELEMENTS` (2**25 floats = 128 MiB,
-262,144 vectors at D=128): measured on this 2-core machine an exact 1-query search over
-100k x 128 takes ~2-7 ms and over 1M x 128 ~16-30 ms, so the bound keeps exact single-query
-latency around 10 ms. Above it, ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest
-``sqrt(N)``, and ``nprobe`` tuned on held-out queries to reach the recall@10 target.
+262,144 vectors at D=128), which keeps exact single-query latency around 10 ms. Above it,
+``IVF{nlist},Flat`` with ``nlist`` the power of two nearest ``sqrt(N)``, and ``nprobe`` tuned on
+held-out queries to reach the recall@10 target. The measurement: docs/design.md, "Index: exact
+search up to 2**25 floats".
 
 Under a memory budget (``max_ram``, ``lookalike index build --max-ram``) ``auto`` takes the first
 structure whose estimated size (:func:`index_bytes`) fits: Flat, ``IVF,Flat``, ``IVF,SQ8``, then
@@ -51,7 +51,7 @@ _NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384
                 1536, 2048, 3072, 4096, 8192, 16384, 32768, 65536)
 
 # In faiss-cpu 1.15.1 this defaults to 128000: fewer queries than that take the sequential
-# scan, which was ~7x slower at 32 queries than the BLAS path measured here.
+# scan, much slower for small query batches (docs/design.md, "Index").
 faiss.cvar.distance_compute_blas_threshold = 20
 
 
@@ -196,10 +196,6 @@ def parse_bytes(text: str) -> int:
 def ann_factory(n: int) -> str:
     """The ANN factory ``auto`` picks above the exact bound: ``IVF{nlist},Flat``."""
     return f"IVF{nlist_for(n)},Flat"
-
-
-def is_flat(index: faiss.Index) -> bool:
-    return isinstance(index, faiss.IndexIDMap) and isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
 
 
 def empty_index(factory: str, dim: int) -> faiss.Index:

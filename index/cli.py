@@ -165,14 +165,9 @@ def register(subparsers) -> None:
 
 
 def _read_classes(path: str | None) -> list[str] | None:
-    if path is None:
-        return None
-    from pathlib import Path
+    from models.io import read_class_list
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such classes file")
-    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return None if path is None else read_class_list(path)
 
 
 def _ingest(store, model: str, images: str, args, shard: tuple[int, int] | None = None) -> int:
@@ -290,12 +285,7 @@ def cmd_add(args) -> int:
     store = IndexStore.open(args.index, writable=True)
     try:
         model = _model_for(store, args.model)
-        card = load_card(model)
-        if card.fingerprint != store.fingerprint:
-            from index.errors import ModelMismatchError
-
-            raise ModelMismatchError(f"{args.index}: the index was built with model fingerprint {store.fingerprint}, "
-                                     f"but {model} has fingerprint {card.fingerprint}")
+        store.check_model(load_card(model))
         return _ingest(store, model, args.images or str(store.images_root), args)
     finally:
         store.close()
@@ -342,7 +332,6 @@ def cmd_info(args) -> int:
 def cmd_search(args) -> int:
     from pathlib import Path
 
-    from models import decode_image
     from models.backends import load_backend
 
     from index.store import IndexStore
@@ -357,13 +346,10 @@ def cmd_search(args) -> int:
 
             name = choose_backend(model, measure=False, include_startup=True)
         backend = load_backend(model, name)
-        if backend.card.fingerprint != store.fingerprint:
-            from index.errors import ModelMismatchError
-
-            raise ModelMismatchError(f"{args.index}: the index was built with model fingerprint {store.fingerprint}, "
-                                     f"but {model} has fingerprint {backend.card.fingerprint}")
-        img = decode_image(Path(args.image))
-        q = backend.embed_images([img])
+        store.check_model(backend.card)
+        # bytes -> model input exactly as the batch job and the service decode (JPEG draft included),
+        # so an indexed image finds itself at 1.0
+        q = backend.embed_array(backend.preprocess.load(Path(args.image), source=str(args.image))[None])
         hits = store.search(q, args.k)[0]
         root = store.images_root
     if args.json:

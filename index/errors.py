@@ -39,7 +39,3 @@ def is_disk_full(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
-
-
-#: Alias spelled in the service contract.
-IndexError_ = IndexStoreError

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from index import generations as gens
 from index.errors import IndexStoreError
 from index.metadata import DB_FILE, _connect
+from models.decode import image_ext
+from models.io import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
     from index.store import IndexStore
@@ -68,10 +69,6 @@ _SCHEMA = (
 
 _COLS = ("id, created, verdict, query_id, query_file, query_source, query_path, query_label, query_sha256, "
          "result_id, result_file, result_source, result_path, result_label, result_sha256")
-
-#: Extension stored for an uploaded query image, from its magic bytes (the formats lookalike decodes).
-_MAGIC_EXT = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"))
-
 
 @dataclass(frozen=True)
 class FeedbackRecord:
@@ -126,20 +123,6 @@ def check_verdict(verdict: str) -> str:
     return verdict
 
 
-def image_ext(data: bytes) -> str:
-    """File extension of an image in a format lookalike decodes (JPEG, PNG, GIF, WebP).
-
-    Raises:
-        ValueError: the bytes are not one of those formats.
-    """
-    for magic, ext in _MAGIC_EXT:
-        if data.startswith(magic):
-            return ext
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    raise ValueError("query_bytes are not a JPEG, PNG, GIF or WebP image")
-
-
 def _has_table(con: sqlite3.Connection) -> bool:
     return con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'feedback'").fetchone() is not None
 
@@ -160,10 +143,10 @@ def _keep_upload_copy(directory: Path, name: str) -> str:
     try:
         os.link(src, tmp)
         os.replace(tmp, dst)
-        gens.fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except OSError:  # no hard links on this file system: copy
         tmp.unlink(missing_ok=True)
-        gens.atomic_write_bytes(dst, src.read_bytes())
+        atomic_write(dst, src.read_bytes())
     return rel
 
 
@@ -209,7 +192,7 @@ def add_feedback(store: IndexStore, *, verdict: str, result_id: int, query_id: i
         target = directory / query_file
         if not target.is_file():  # content-addressed: an existing file holds these very bytes
             target.parent.mkdir(exist_ok=True)
-            gens.atomic_write_bytes(target, bytes(query_bytes))  # before the row that points to it
+            atomic_write(target, bytes(query_bytes))  # before the row that points to it
     cols = "id, path, label, sha256, source"
     with store.db.write_transaction() as con:
         for stmt in _SCHEMA:

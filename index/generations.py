@@ -32,7 +32,7 @@ import faiss
 
 from index.ann import METRIC, METRIC_NAME, faiss_version
 from index.errors import CorruptIndexError
-from models.io import sha256_file
+from models.io import fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +44,12 @@ MANIFEST_VERSION = 1
 _GEN_RE = re.compile(r"^\d{6}$")
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: tmp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from models.decode import DEFAULT_LIMITS, DecodeLimits, ImageDecodeError
+from models.decode import IMAGE_SUFFIXES as DECODABLE_SUFFIXES
 from models.preprocess import Preprocess
 
 from index.errors import IndexFullError, is_disk_full
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 
 #: File name endings treated as images (others are ignored). Formats the decoder refuses
 #: (TIFF, BMP, HEIC...) are still listed so that they are reported as failures, not skipped.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
-                            ".heic", ".heif", ".avif"})
+IMAGE_SUFFIXES = DECODABLE_SUFFIXES | frozenset({".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif"})
 LOG_DIR = "logs"
 
 
@@ -416,11 +416,7 @@ def _check_job(store: IndexStore, embedder: Embedder, folder: str | Path) -> tup
     """Refuse a job that cannot run; returns (folder, images root), both resolved."""
     if not store.writable:
         raise ValueError(f"{store.directory}: open the index writable to add images")
-    if embedder.card.fingerprint != store.fingerprint:
-        from index.errors import ModelMismatchError
-
-        raise ModelMismatchError(f"{store.directory}: the index was built with model fingerprint {store.fingerprint}, "
-                                 f"but the model given has fingerprint {embedder.card.fingerprint}")
+    store.check_model(embedder.card)
     if store.images_root is None:
         raise ValueError(f"{store.directory}: the index has no images root; folder images cannot be added")
     folder = Path(folder).resolve()

@@ -154,10 +154,6 @@ class MetadataDB:
         row = self._wcon.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self._wlock:
-            self._wcon.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-
     # -- writes --------------------------------------------------------------------------
     @contextmanager
     def write_transaction(self) -> Iterator[sqlite3.Connection]:

@@ -42,6 +42,7 @@ import numpy as np
 from index import ann
 from index import generations as gens
 from index.store import STORE_FILE, TRAINED_FILE, IndexStore
+from models.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +113,12 @@ def train_quantizer(vectors: np.ndarray, factory: str, out: str | Path, *, finge
         index.train(np.ascontiguousarray(vectors, dtype=np.float32))
     finally:
         ann.set_search_threads(1)
-    gens.atomic_write_bytes(out, faiss.serialize_index(index).tobytes())
+    atomic_write(out, faiss.serialize_index(index).tobytes())
     meta = {"format": "lookalike-trained-index", "factory": factory, "dim": int(vectors.shape[1]),
             "fingerprint": fingerprint, "sample": int(len(vectors)), "n_planned": int(n_planned),
             "faiss_version": ann.faiss_version(), "train_seconds": round(time.perf_counter() - t0, 3),
             "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
-    gens.atomic_write_bytes(out.with_name(out.name + ".json"), (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(out.with_name(out.name + ".json"), (json.dumps(meta, indent=2) + "\n").encode())
     log.info("trained %s on %d vectors in %.1fs -> %s", factory, len(vectors), meta["train_seconds"], out)
     return meta
 

@@ -41,7 +41,7 @@ from index.errors import CorruptIndexError
 from index.feedback import stored_files
 from index.metadata import DB_FILE, SCHEMA_VERSION, _connect
 from index.store import DELETED_DIR, STORE_FILE, STORE_VERSION, TRAINED_FILE, UPLOADS_DIR
-from models.io import sha256_file
+from models.io import fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def snapshot(index_dir: str | Path, out: str | Path) -> SnapshotReport:
                 tar.add(p, arcname=p.relative_to(stage).as_posix())
         gens.fsync_file(part)
         os.replace(part, out)
-        gens.fsync_dir(out.parent)
+        fsync_dir(out.parent)
     report = SnapshotReport(path=out, images=images, uploads=manifest["uploads"], last_seq=last_seq,
                             generation=generation, dropped=dropped)
     log.info("%s", report.summary())
@@ -230,7 +230,7 @@ def restore(snapshot_tar: str | Path, out: str | Path) -> dict:
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-        gens.fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,7 +42,7 @@ from index.errors import CorruptIndexError, IndexStoreError, ModelMismatchError
 from index.locking import RWLock, WriterLock
 from index.metadata import DB_FILE, MetadataDB, validate_record
 from index.records import ImageRecord, SearchHit
-from models.io import sha256_file
+from models.io import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,20 @@ def _card_fingerprint(card) -> str:
     if not fp:
         raise ValueError("the model card has no fingerprint; save the model with models.save_model first")
     return fp
+
+
+def check_model(directory: str | Path, index_fingerprint: str, card) -> None:
+    """The one check that a model may embed for an index: its card's fingerprint is the index's.
+
+    Raises:
+        ValueError: the card has no fingerprint (an unsaved model).
+        ModelMismatchError: the fingerprints differ (both named).
+    """
+    fp = _card_fingerprint(card)
+    if fp != index_fingerprint:
+        raise ModelMismatchError(
+            f"{directory}: the index was built with model fingerprint {index_fingerprint}, but the model given "
+            f"has fingerprint {fp}; use the same model or build a new index")
 
 
 class IndexStore:
@@ -196,8 +210,8 @@ class IndexStore:
                 **(extra or {}),
             }
             if trained is not None:
-                gens.atomic_write_bytes(d / TRAINED_FILE, Path(trained_from).read_bytes())
-                gens.atomic_write_bytes(d / (TRAINED_FILE + ".json"), (json.dumps(trained[1]) + "\n").encode())
+                atomic_write(d / TRAINED_FILE, Path(trained_from).read_bytes())
+                atomic_write(d / (TRAINED_FILE + ".json"), (json.dumps(trained[1]) + "\n").encode())
                 config["trained"] = {"file": TRAINED_FILE, "sha256": sha256_file(d / TRAINED_FILE),
                                      "factory": fac}
             db = MetadataDB(d / DB_FILE, create=True)
@@ -205,7 +219,7 @@ class IndexStore:
             store._load_trained()
             store.checkpoint()  # generation 1: empty, so a reader can open at once
             # store.json last: its presence marks a completely created index
-            gens.atomic_write_bytes(d / STORE_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+            atomic_write(d / STORE_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         except BaseException:
             lock.release()
             raise
@@ -238,11 +252,8 @@ class IndexStore:
             raise CorruptIndexError(f"{cfg_path}: unreadable ({exc})") from None
         if config.get("format") != "lookalike-index" or config.get("version") != STORE_VERSION:
             raise CorruptIndexError(f"{cfg_path}: not a version-{STORE_VERSION} lookalike index")
-        if card is not None and _card_fingerprint(card) != config["fingerprint"]:
-            raise ModelMismatchError(
-                f"{d}: the index was built with model fingerprint {config['fingerprint']}, but the model given "
-                f"has fingerprint {card.fingerprint}; use the same model or build a new index"
-            )
+        if card is not None:
+            check_model(d, config["fingerprint"], card)
         lock = None
         if writable:
             lock = WriterLock(d)
@@ -265,7 +276,7 @@ class IndexStore:
     def sweep(self) -> dict[str, int]:
         """Remove what a killed writer can leave behind; returns and logs the counts.
 
-        * ``temporary``: ``.<name>.<pid>.tmp`` files of unfinished atomic writes (index root and
+        * ``temporary``: ``.<name>.*.tmp`` files of unfinished atomic writes (index root and
           ``uploads/``) and ``generations/.tmp-*`` directories of unfinished publishes;
         * ``orphan_uploads``: files in ``uploads/`` that no record points to (written before a
           kill or a failed metadata write, never acknowledged).
@@ -301,18 +312,14 @@ class IndexStore:
             log.info("%s: start-up sweep found no temporary files or orphan uploads", self.directory)
         return counts
 
-    def close(self, *, checkpoint: bool = False) -> None:
-        """Release the writer lock (after publishing a generation if ``checkpoint``)."""
+    def close(self) -> None:
+        """Close the metadata database and release the writer lock (idempotent)."""
         if self._closed:
             return
-        try:
-            if checkpoint and self.writable and self._seq != self._published_seq():
-                self.checkpoint()
-        finally:
-            self._closed = True
-            self.db.close()
-            if self._lock is not None:
-                self._lock.release()
+        self._closed = True
+        self.db.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> "IndexStore":
         return self
@@ -330,14 +337,14 @@ class IndexStore:
         if not self.writable:
             raise IndexStoreError(f"{self.directory}: opened read-only; open with writable=True to change it")
 
+    def check_model(self, card) -> None:
+        """Refuse a model this index was not built with (see :func:`check_model`)."""
+        check_model(self.directory, self.fingerprint, card)
+
     @property
     def model_dir(self) -> Path | None:
         m = self._config.get("model_dir")
         return Path(m) if m else None
-
-    @property
-    def card_dict(self) -> dict:
-        return dict(self._config["card"])
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> None:
@@ -754,7 +761,7 @@ class IndexStore:
         up = self.directory / UPLOADS_DIR
         up.mkdir(exist_ok=True)
         name = f"{sha}.{ext}"
-        gens.atomic_write_bytes(up / name, bytes(data))
+        atomic_write(up / name, bytes(data))
         try:
             (i,) = self.add(v, [{"path": name, "label": label, "sha256": sha, "size": len(data),
                                  "mtime": time.time(), "source": "upload"}])
@@ -828,14 +835,16 @@ class IndexStore:
         return True
 
     def _published_seq(self) -> int:
+        """The change seq the current generation holds; 0 (before the first change, seqs start at
+        1) when none is published or readable, so that every change counts as pending."""
         for number in gens.list_generations(self.directory):
             if number == self.generation:
                 try:
                     return int(json.loads((gens.gen_path(self.directory, number) / gens.MANIFEST_FILE)
                                           .read_text())["last_seq"])
                 except (OSError, ValueError, KeyError):
-                    return -1
-        return -1
+                    return 0
+        return 0
 
     def checkpoint(self) -> int:
         """Publish the current state as a new generation (atomically); returns its number.

@@ -89,11 +89,6 @@ class ModelCard:
             raise ValueError(f"unknown model card keys {sorted(unknown)}; allowed: {sorted(allowed)}")
         return cls(**d)
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CARD_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
-
     @classmethod
     def load(cls, directory: str | Path) -> "ModelCard":
         path = Path(directory) / CARD_FILE

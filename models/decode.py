@@ -63,8 +63,18 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{source}: {message}")
 
 
-def _sniff_format(head: bytes) -> str | None:
-    """Return the Pillow format name for the magic bytes in ``head``, or None."""
+#: File name endings of the formats decoded (a folder walk lists these; content still decides).
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif"})
+
+#: File extension and media type of each sniffed format (the one table for the whole project).
+FORMAT_EXT: dict[str, str] = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
+FORMAT_MEDIA_TYPE: dict[str, str] = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+                                     "GIF": "image/gif"}
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The format named by the magic bytes in ``head`` (its first 12 bytes are enough):
+    ``"JPEG"``, ``"PNG"``, ``"WEBP"``, ``"GIF"``, or None for anything else."""
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -74,6 +84,25 @@ def _sniff_format(head: bytes) -> str | None:
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF"
     return None
+
+
+def image_ext(data: bytes) -> str:
+    """File extension (``jpg``, ``png``, ``webp``, ``gif``) for image bytes, by content.
+
+    Raises:
+        ValueError: the bytes are not a JPEG, PNG, WebP or GIF image.
+    """
+    fmt = sniff_format(data[:16])
+    if fmt is None:
+        raise ValueError("not a JPEG, PNG, WebP or GIF image")
+    return FORMAT_EXT[fmt]
+
+
+def image_media_type(head: bytes) -> str | None:
+    """Media type (``image/jpeg``, ...) for the first bytes of an image file, or None if the
+    content is not one of the accepted formats."""
+    fmt = sniff_format(head[:16])
+    return None if fmt is None else FORMAT_MEDIA_TYPE[fmt]
 
 
 def _is_svg(head: bytes) -> bool:
@@ -254,7 +283,7 @@ def open_image(
     if len(raw) > limits.max_bytes:
         raise ImageDecodeError("too_large", f"over the limit of {limits.max_bytes} bytes", source)
 
-    fmt = _sniff_format(raw[:16])
+    fmt = sniff_format(raw[:16])
     if fmt is None:
         other = _describe_other(raw[:1024])
         if other == "unknown":

@@ -64,14 +64,42 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+def read_class_list(path: str | Path) -> list[str]:
+    """Class names from a text file, one per line; blank lines and ``#`` comments skipped.
 
-    Readers see the old file or the new one, never a torn one. The file is made
-    world-readable (a service may run as another user than the trainer).
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file names no class.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: class list not found")
+    names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not names:
+        raise ValueError(f"{p}: class list is empty")
+    return names
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so that a rename or a new entry in it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably: temp file in the same folder, fsync,
+    rename, fsync the folder. The one atomic-write helper of the project (models, checkpoints,
+    index files, uploads).
+
+    Readers see the old file or the new one, never a torn one; once this returns, the new one
+    survives a crash. The file is made world-readable (a service may run as another user than
+    the trainer).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -82,6 +110,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def save_model(model, directory: str | Path) -> ModelCard:

@@ -46,19 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from index.ann import set_search_threads
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
-
-
-def _set_faiss_threads(n: int) -> None:
-    """FAISS (its own OpenMP runtime, separate from torch's) threads for the calling thread."""
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:  # pragma: no cover - faiss is a core dependency
-        log.warning("faiss not importable; search thread count not set")
 
 
 class ThreadPolicy:
@@ -253,10 +245,6 @@ class MicroBatcher:
             if isinstance(job, _Job):
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, NotRunning("service is stopping"))
 
-    @property
-    def running(self) -> bool:
-        return self._accepting
-
     # ---- admission --------------------------------------------------------------------------
     def _change(self, pending: int = 0, incoming: int = 0) -> None:
         with self._lock:
@@ -358,7 +346,7 @@ class MicroBatcher:
 
     # ---- threads ----------------------------------------------------------------------------
     def _infer_main(self) -> None:
-        _set_faiss_threads(self.search_threads)  # searches run here when nothing else waits
+        set_search_threads(self.search_threads)  # searches run here when nothing else waits
         try:
             backend = self._factory()
             size = backend.card.image_size
@@ -473,7 +461,7 @@ class MicroBatcher:
             self.policy.observe(threads, time.perf_counter() - t0)
 
     def _search_main(self) -> None:
-        _set_faiss_threads(self.search_threads)
+        set_search_threads(self.search_threads)
         while True:
             item = self._search_queue.get()
             if item is _STOP:

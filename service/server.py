@@ -41,10 +41,9 @@ def torch_imported_here() -> bool:
 def reexec_clean(overrides: dict) -> None:
     """Replace this process by ``python -m service`` with ``overrides`` as ``LOOKALIKE_*`` variables.
 
-    Why: a torch forward run in a thread other than the one that imported torch was measured
-    1.7x slower here (resnet18 bf16 at 128 px through the service, 5 starts each: 20.2-24.1 ms
-    per forward with torch imported by the main thread, 10.9-15.6 ms when the inference thread
-    imports it first). The ``lookalike`` dispatcher imports every package's CLI, and some of
+    Why: a torch forward run in a thread other than the one that imported torch is slower
+    (docs/design.md, "Service: one inference thread that also imports torch"). The
+    ``lookalike`` dispatcher imports every package's CLI, and some of
     them import torch, so ``lookalike serve`` starts the server in a fresh interpreter whose
     main thread never imports torch.
     """

@@ -20,12 +20,12 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pathlib import Path
-
+from index.ann import set_search_threads
 from models.decode import DecodeLimits
 from service.batching import MicroBatcher, NotRunning, Overloaded, Ticket
 from service.errors import ApiError, insufficient_storage, unavailable
@@ -189,7 +189,7 @@ class ServiceState:
             self._index_opener = default_index_opener(self.index_dir, self.images_root)
         t0 = time.perf_counter()
         self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="lookalike-write",
-                                             initializer=_limit_faiss_threads, initargs=(1,))
+                                             initializer=set_search_threads, initargs=(1,))
         self.batcher = self.runtime.batcher
         self.backend = await self.runtime.load()
         self.card = self.backend.card
@@ -197,8 +197,6 @@ class ServiceState:
         self.store = await loop.run_in_executor(self.write_pool, self._index_opener, self.card, self.writable)
         if self.store.dim != self.card.embedding_dim:
             raise RuntimeError(f"index dimension {self.store.dim} != model embedding_dim {self.card.embedding_dim}")
-        if self.store.fingerprint != self.card.fingerprint:
-            raise RuntimeError("index was built with another model (fingerprints differ)")
         if self.batcher.store is None:  # the first collection of this model takes the batched search path
             self.batcher.attach_index(self.store)
         self.storage = StorageGuard(getattr(self.store, "directory", self.index_dir or "."), int(s.min_free_mb * MiB))
@@ -382,13 +380,3 @@ class ServiceState:
         self._checkpoint_failures = 0
         self._checkpoint_not_before = 0.0
         log.info("checkpointed index generation %d after %d writes", gen, every)
-
-
-def _limit_faiss_threads(n: int) -> None:
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:  # pragma: no cover
-        pass
-

@@ -19,9 +19,6 @@ from models.decode import DecodeLimits
 from models.preprocess import Preprocess
 from service.errors import ApiError
 
-#: Extension stored for each accepted format, from the magic bytes.
-_MAGIC_EXT = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"))
-
 MAX_FIELD_BYTES = 16 * 1024
 MAX_LABEL_CHARS = 200
 
@@ -109,24 +106,6 @@ def parse_label(raw: str | None) -> str | None:
     if len(label) > MAX_LABEL_CHARS or not label.isprintable():
         raise ApiError(422, "invalid_parameter", f"label: at most {MAX_LABEL_CHARS} printable characters")
     return label
-
-
-def image_ext(data: bytes) -> str:
-    """File extension for an image that :func:`models.decode_image` accepted."""
-    for magic, ext in _MAGIC_EXT:
-        if data.startswith(magic):
-            return ext
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    raise ValueError("not an accepted image format")  # decode_image refuses these first
-
-
-def image_media_type(head: bytes) -> str | None:
-    """Media type for the first bytes of an image file, or None if not an accepted format."""
-    try:
-        return {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp"}[image_ext(head)]
-    except ValueError:
-        return None
 
 
 def decode_to_input(data: bytes, preprocess: Preprocess, limits: DecodeLimits,

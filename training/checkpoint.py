@@ -2,27 +2,33 @@
 
 A checkpoint is a directory ``<run>/checkpoint/`` with ``state.safetensors`` (model,
 auxiliary head, optimizer tensors, RNG state) and ``state.json`` (epoch, non-tensor optimizer
-and scheduler state, the full resolved config). Both are written atomically; the JSON is
-written last, so a checkpoint without a matching JSON is never used.
+and scheduler state, the full resolved config, and the sha256 of the tensors file). Both are
+written atomically and durably (:func:`models.io.atomic_write`), tensors first. A crash between
+the two renames leaves new tensors beside the old JSON: the digest tells, and loading refuses the
+pair with :class:`CheckpointMismatchError` instead of resuming from a mix of two epochs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
-from models.io import refuse_pickle
+from models.io import atomic_write, refuse_pickle
 
 log = logging.getLogger(__name__)
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """``state.json`` and ``state.safetensors`` are not from the same save."""
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -67,9 +73,8 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, aux: torch
     tensors.update(opt_t)
     tensors["rng.torch"] = torch.get_rng_state()
     tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
-    tmp = d / (STATE_TENSORS + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, d / STATE_TENSORS)
+    blob = save(tensors)
+    atomic_write(d / STATE_TENSORS, blob)
     meta = {
         "epoch": epoch,
         "optimizer": opt_meta,
@@ -77,18 +82,20 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, aux: torch
         "config": config,
         "history": history,
         **(extra or {}),
+        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    tmpj = d / (STATE_JSON + ".tmp")
-    with open(tmpj, "w") as fh:
-        json.dump(meta, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmpj, d / STATE_JSON)
+    atomic_write(d / STATE_JSON, json.dumps(meta).encode())
     return d
 
 
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return (tensors, meta) of a checkpoint directory; pickle files are refused."""
+    """Return (tensors, meta) of a checkpoint directory; pickle files are refused.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointMismatchError: the tensors file is not the one ``state.json`` was saved with
+            (a crash between the two writes); nothing is loaded.
+    """
     d = Path(directory)
     if d.is_file():
         refuse_pickle(d)
@@ -96,7 +103,15 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dic
     if not (d / STATE_JSON).is_file() or not (d / STATE_TENSORS).is_file():
         raise FileNotFoundError(f"{d}: no resumable checkpoint ({STATE_TENSORS} + {STATE_JSON})")
     meta = json.loads((d / STATE_JSON).read_text())
-    return load_file(str(d / STATE_TENSORS)), meta
+    blob = (d / STATE_TENSORS).read_bytes()
+    want = meta.get("tensors_sha256")
+    if want is None:
+        log.warning("%s: checkpoint from before tensor digests; its tensors are not verified", d)
+    elif hashlib.sha256(blob).hexdigest() != want:
+        raise CheckpointMismatchError(
+            f"{d}: {STATE_TENSORS} is not the file {STATE_JSON} was saved with (a crash between the two "
+            f"writes?); resuming would mix two epochs. Restart the run, or restore both files from a backup")
+    return load(blob), meta
 
 
 def restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, model: torch.nn.Module,

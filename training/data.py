@@ -22,12 +22,12 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from models.card import ModelCard
-from models.decode import ImageDecodeError, decode_image
+from models.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from models.io import read_class_list
 from models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def scan_image_folder(root: str | Path, *, skipped: list[tuple[Path, str]] | Non
         if files:
             out[d.name] = files
     if not out:
-        raise ValueError(f"{base}: no class folders with images ({', '.join(IMAGE_SUFFIXES)}) found; expected <root>/<class>/<image>")
+        raise ValueError(f"{base}: no class folders with images ({', '.join(sorted(IMAGE_SUFFIXES))}) found; expected <root>/<class>/<image>")
     return out
 
 
@@ -80,10 +80,7 @@ def _read_class_list(root: Path, rel: str) -> list[str]:
         raise FileNotFoundError(
             f"{p}: class list not found. To hold out a seeded fraction of the classes instead, pass "
             "--data.train_classes null --data.test_classes null (--data.test_fraction sets the fraction)")
-    names = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    if not names:
-        raise ValueError(f"{p}: class list is empty")
-    return names
+    return read_class_list(p)
 
 
 def class_lists_present(root: str | Path, train_classes: str | None, test_classes: str | None) -> bool:

@@ -39,10 +39,8 @@ Reduction = Literal[REDUCTIONS]  # type: ignore[valid-type]
 IndicesTuple = tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]
 
 # Gather rows (exact, O(T D)) instead of building the (N, N) matrix when the number of distances
-# needed is at most N^2 / _GATHER_FACTOR. Measured on CPU (1 thread, D = 128), forward + backward
-# of T random triplets: the crossover is near 2T = N^2 / 16 at N = 128-256 and N^2 / 32 at
-# N = 1024, and past it the gather path degrades fast (its backward scatters T x D rows: 297 ms vs
-# 18 ms for the matrix at N = 1024, T = 65536), so err on the matrix side.
+# needed is at most N^2 / _GATHER_FACTOR. Both paths give the same values; the factor only moves
+# time (the crossover measurement: docs/design.md, "Losses: gather rows or build the matrix").
 _GATHER_FACTOR = 32
 
 

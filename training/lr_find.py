@@ -1,6 +1,11 @@
 """LR range test (Smith 2015, fast.ai style): raise the LR exponentially for a few hundred
 steps, record the smoothed loss, stop when it diverges, plot loss vs LR, suggest an LR.
 
+Each step is the trainer's own (:func:`training.trainer.train_one_epoch`): the configured loss,
+miner, auxiliary head, gradient clipping, channels_last, bf16 autocast and frozen batch norm,
+with the trainer's parameter groups (the head at ``head_lr_mult`` times the backbone LR). The
+LR swept and reported is the backbone's, i.e. what ``optim.lr`` sets.
+
 The suggestion is the LR of the steepest descent of the smoothed loss, capped at a tenth of
 the LR where the loss was lowest (a common, conservative rule).
 """
@@ -14,14 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from models.net import EmbeddingNet
 from training.config import TrainConfig
 from training.data import PKSampler, choose_p, should_cache
-from training.trainer import (_param_groups, aux_from_config, build_optimizer, card_from_config, loss_from_config,
-                              resolve_device, splits_from_config, train_dataset, use_bf16)
-from models.net import EmbeddingNet
+from training.trainer import (CollapseMonitor, aux_from_config, build_optimizer, card_from_config, loss_from_config,
+                              miner_from_config, param_groups, resolve_device, splits_from_config, train_dataset,
+                              train_one_epoch, use_bf16)
 
 log = logging.getLogger(__name__)
 
@@ -46,38 +51,43 @@ def lr_range_test(cfg: TrainConfig, *, lr_min: float = 1e-6, lr_max: float = 1.0
     model = EmbeddingNet(card, backbone_weights=cfg.model.weights).to(device)
     if cfg.model.trainable_stages >= 0:  # the same frozen trunk as the trainer (here on images, not cached)
         model.split(cfg.model.trainable_stages)
-    model.train()
     aux = aux_from_config(cfg, len(splits["train"].classes), card.embedding_dim)
     if aux is not None:
         aux = aux.to(device)
-    loss_fn = loss_from_config(cfg)
-    opt = build_optimizer(cfg.optim.name, _param_groups(model, aux, cfg), lr=lr_min, weight_decay=cfg.optim.weight_decay,
-                          momentum=cfg.optim.momentum)
+    metric_loss = _Recorded(loss_from_config(cfg))
+    aux_rec = _Recorded(aux) if aux is not None else None
+    sweep = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": lr_min})})
+    opt = build_optimizer(cfg.optim.name, param_groups(model, aux, sweep), lr=lr_min,
+                          weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     gamma = (lr_max / lr_min) ** (1 / (steps - 1))
-    lrs, losses, smooth, best = [], [], 0.0, math.inf
-    for i, (x, y) in enumerate(loader):
-        lr = lr_min * gamma**i
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            raw = model.forward_raw(x.to(device))
-        emb = F.normalize(raw.float(), dim=1)
-        y = y.to(device)
-        loss = loss_fn(emb, y)
-        if aux is not None:
-            loss = loss + cfg.loss.aux_weight * aux(emb, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        v = float(loss.detach())
-        smooth = beta * smooth + (1 - beta) * v
-        corrected = smooth / (1 - beta ** (i + 1))
-        lrs.append(lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: gamma**i)
+    lrs: list[float] = []
+    losses: list[float] = []
+    state = {"smooth": 0.0, "best": math.inf, "diverged": False}
+
+    def on_step(n: int) -> None:
+        v = metric_loss.last + (cfg.loss.aux_weight * aux_rec.last if aux_rec is not None else 0.0)
+        state["smooth"] = beta * state["smooth"] + (1 - beta) * v
+        corrected = state["smooth"] / (1 - beta**n)
+        lrs.append(lr_min * gamma ** (n - 1))
         losses.append(corrected)
-        best = min(best, corrected)
-        if not math.isfinite(v) or corrected > 4 * best and i > 10:
-            log.info("stopping at lr %.2e: loss diverged", lr)
-            break
+        state["best"] = min(state["best"], corrected)
+        if not math.isfinite(v) or (corrected > 4 * state["best"] and n > 11):
+            log.info("stopping at lr %.2e: loss diverged", lrs[-1])
+            state["diverged"] = True
+
+    try:
+        train_one_epoch(model, loader, loss_fn=metric_loss, miner=miner_from_config(cfg), aux=aux_rec,
+                        aux_weight=cfg.loss.aux_weight, optimizer=opt, scheduler=scheduler, device=device, bf16=bf16,
+                        channels_last=cfg.channels_last, grad_clip=cfg.optim.grad_clip,
+                        monitor=CollapseMonitor(cfg.collapse_cosine), epoch=0, progress=False,
+                        freeze_bn=cfg.model.freeze_bn, stop=lambda: state["diverged"], on_step=on_step)
+    except RuntimeError as exc:  # the step refuses a non-finite loss: that is divergence too
+        if "loss became" not in str(exc):
+            raise
+        log.info("stopping at lr %.2e: %s", lr_min * gamma ** len(lrs), exc)
+    if not lrs:
+        raise RuntimeError(f"the loss was not finite at the first step (lr {lr_min:.1e}); lower --min-lr")
     lr_arr, loss_arr = np.array(lrs), np.array(losses)
     grads = np.gradient(loss_arr, np.log10(lr_arr)) if len(lr_arr) > 2 else np.zeros_like(loss_arr)
     skip = max(1, len(lr_arr) // 10)
@@ -104,3 +114,21 @@ def lr_range_test(cfg: TrainConfig, *, lr_min: float = 1e-6, lr_max: float = 1.0
         fig.savefig(out_png, dpi=100)
         plt.close(fig)
     return result
+
+
+class _Recorded(torch.nn.Module):
+    """Wraps a loss module and keeps the value of its last call (``last``, a float)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.last = float("nan")
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return getattr(self.inner, "stats", {})
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        out = self.inner(*args)
+        self.last = float(out.detach())
+        return out

@@ -70,7 +70,7 @@ def use_bf16(amp: str, device: torch.device) -> bool:
 
 def build_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float, weight_decay: float,
                     momentum: float = 0.9) -> torch.optim.Optimizer:
-    """torch.optim optimizer by name (the seed lecture's set)."""
+    """torch.optim optimizer by name."""
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay)
     if name == "sgd_momentum":
@@ -384,7 +384,17 @@ def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return {"soft": cfg.loss.soft}
 
 
-def _param_groups(model: EmbeddingNet, aux: nn.Module | None, cfg: TrainConfig) -> list[dict[str, Any]]:
+def miner_from_config(cfg: TrainConfig):
+    """The miner ``loss.miner`` names (None for ``none``), with ``loss.miner_margin`` (default
+    ``loss.margin``) for the margin miners."""
+    margin = cfg.loss.miner_margin if cfg.loss.miner_margin is not None else cfg.loss.margin
+    kwargs: dict[str, Any] = {"distance": cfg.loss.distance}
+    if cfg.loss.miner in ("semi_hard", "batch_all"):
+        kwargs["margin"] = margin
+    return build_miner(None if cfg.loss.miner == "none" else cfg.loss.miner, **kwargs)
+
+
+def param_groups(model: EmbeddingNet, aux: nn.Module | None, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Optimizer groups: backbone at ``optim.lr``, neck/head/aux at ``lr * head_lr_mult``;
     no weight decay on biases and norms; frozen parameters left out."""
     head_params = list(model.neck.parameters()) + list(model.head.parameters()) + (list(aux.parameters()) if aux else [])
@@ -572,15 +582,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                              warmup_steps=cfg.loss.memory_warmup_steps, miner=cfg.loss.memory_miner,
                              margin=cfg.loss.margin, pos_margin=cfg.loss.pos_margin, squared=cfg.loss.squared,
                              balance=cfg.loss.balance, reduction=cfg.loss.reduction, distance=cfg.loss.distance)
-    miner_margin = cfg.loss.miner_margin if cfg.loss.miner_margin is not None else cfg.loss.margin
-    miner_kwargs: dict[str, Any] = {"distance": cfg.loss.distance}
-    if cfg.loss.miner in ("semi_hard", "batch_all"):
-        miner_kwargs["margin"] = miner_margin
-    miner = injected_miner if injected_miner is not None else build_miner(
-        None if cfg.loss.miner == "none" else cfg.loss.miner, **miner_kwargs)
+    miner = injected_miner if injected_miner is not None else miner_from_config(cfg)
 
     forward = _distributed_forward(model, aux, forward_name, cfg, device)
-    optimizer = build_optimizer(cfg.optim.name, _param_groups(model, aux, cfg), lr=cfg.optim.lr,
+    optimizer = build_optimizer(cfg.optim.name, param_groups(model, aux, cfg), lr=cfg.optim.lr,
                                 weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     steps_per_epoch = len(sampler)
     schedule = lr_lambda_factory(

@@ -10,11 +10,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from models.decode import image_ext, image_media_type
 from service.deps import ReadyDep, WriterDep
 from service.errors import ApiError
 from service.routers.common import errors, image_url, parse_window, search_response
 from service.schemas import AddImageResponse, DeleteResponse, ImageOut, SearchResponse
-from service.uploads import image_ext, image_media_type, parse_label, read_upload, upload_openapi
+from service.uploads import parse_label, read_upload, upload_openapi
 
 log = logging.getLogger(__name__)
 

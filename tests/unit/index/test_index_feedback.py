@@ -163,8 +163,9 @@ def test_survives_reopening(tmp_path, rng):
     try:
         assert [r.id for r in read_feedback(d)] == [first]
         second = add_feedback(s, verdict="right", result_id=3, query_id=1)  # the table exists already
+        s.checkpoint()
     finally:
-        s.close(checkpoint=True)
+        s.close()
     assert [(r.id, r.verdict) for r in read_feedback(d)] == [(first, "wrong"), (second, "right")]
 
 

@@ -45,4 +45,11 @@ def test_readonly_mount_opens_immutable(tmp_path, card, rng, monkeypatch):
     assert len(store) == 50
     ids = [h[0].id for h in store.search(vecs[:5], 1)]
     assert len(set(ids)) == 5
+    # immutable, not merely mode=ro: a frozen view that does not read another process's later
+    # commits (they sit in the WAL, which an immutable open ignores)
+    monkeypatch.setattr(os, "access", real_access)
+    with IndexStore.open(d, card=card, writable=True) as writer:
+        writer.add(unit(rng, 10), records(10, 50))
+        assert writer.db.count() == 60
+    assert store.db.count() == 50
     store.close()

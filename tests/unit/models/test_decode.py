@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.decode import DecodeLimits, ImageDecodeError, decode_image
+from models.decode import DecodeLimits, ImageDecodeError, decode_image, image_ext, image_media_type, sniff_format
 
 
 def _enc(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -163,3 +163,34 @@ def test_mpo_camera_jpeg_first_frame():
     a.save(buf, "MPO", save_all=True, append_images=[b])
     im = decode_image(buf.getvalue())
     assert im.size == (20, 10) and im.getpixel((0, 0))[0] > 240
+
+
+# ---------------------------------------------------------------------------- format sniffing
+
+def _encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt,ext,media", [("JPEG", "jpg", "image/jpeg"), ("PNG", "png", "image/png"),
+                                           ("WEBP", "webp", "image/webp"), ("GIF", "gif", "image/gif")])
+def test_each_format_has_its_own_extension_and_media_type(fmt, ext, media):
+    data = _encoded(fmt)
+    assert sniff_format(data) == fmt
+    assert image_ext(data) == ext
+    assert image_media_type(data[:16]) == media
+
+
+@pytest.mark.parametrize("head", [b"GIF87a" + b"\0" * 10, b"GIF89a" + b"\0" * 10])
+def test_both_gif_versions_are_gif(head):
+    assert image_media_type(head) == "image/gif"
+
+
+@pytest.mark.parametrize("head", [b"RIFF\0\0\0\0WAVEfmt ", b"RIFX\0\0\0\0WEBPVP8 ", b"GIF90a", b"\x89PNG\r\n",
+                                  b"\xff\xd8", b"BM" + b"\0" * 14, b""])
+def test_other_bytes_have_no_format(head):
+    assert sniff_format(head) is None
+    assert image_media_type(head) is None
+    with pytest.raises(ValueError, match="not a JPEG, PNG, WebP or GIF"):
+        image_ext(head)

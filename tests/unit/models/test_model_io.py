@@ -158,3 +158,35 @@ def test_saved_files_are_world_readable(saved):
     d, _, _ = saved
     for f in ("model.safetensors", "card.json"):
         assert (d / f).stat().st_mode & 0o044 == 0o044, f
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path):
+    import os
+    import stat
+
+    from models.io import atomic_write
+
+    target = tmp_path / "f.bin"
+    atomic_write(target, b"one")
+    atomic_write(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644  # readable by a service running as another user
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_atomic_write_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
+    import os
+
+    from models import io as model_io
+
+    target = tmp_path / "f.bin"
+    model_io.atomic_write(target, b"old")
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError):
+        model_io.atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]

@@ -93,9 +93,7 @@ def test_slow_headers_time_out_with_408(server):
     port, _ = server
     with connect(port) as s:
         s.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\n")  # never finishes
-        t0 = time.monotonic()
         _json_error(*read_response(s), 408, "request_timeout")
-        assert time.monotonic() - t0 < 5
         assert closed_by_peer(s)
     with connect(port) as idle:  # a connection that sends nothing is closed without an answer
         assert closed_by_peer(idle)

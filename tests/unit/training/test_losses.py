@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pytorch_metric_learning import losses as pml_losses  # the oracle: a hard test dependency
 
 from training.distances import gather_pairs, paired_distances, pairwise_distances, safe_sqrt
 from training.losses import ContrastiveLoss, TripletLoss, build_loss
@@ -386,16 +387,9 @@ def test_collapsed_embeddings_have_finite_gradients_and_show_collapse(metric, lo
 # ---------------------------------------------------------------------------- against PML
 
 
-def _pml():
-    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
-    return pml_losses, pml_miners
-
-
 @pytest.mark.parametrize("margin", [0.05, 0.2, 0.5])
 @pytest.mark.parametrize("mined", ["none", "batch_hard", "semi_hard"])
 def test_triplet_loss_equals_pml_triplet_margin_loss(margin, mined):
-    pml_losses, pml_miners = _pml()
     raw, labels = make_batch(n_per_class=(4, 4, 4, 4, 3), dim=8, seed=11, normalise=False, spread=3.0)
     emb = F.normalize(raw, dim=1)
     tup = {
@@ -415,7 +409,6 @@ def test_triplet_loss_equals_pml_triplet_margin_loss(margin, mined):
 
 
 def test_soft_triplet_equals_pml_smooth_loss_with_zero_margin():
-    pml_losses, _ = _pml()
     raw, labels = make_batch(n_per_class=(4, 4, 4), dim=8, seed=12, normalise=False)
     emb = F.normalize(raw, dim=1)
     pml = pml_losses.TripletMarginLoss(margin=0.0, smooth_loss=True)(raw, labels)
@@ -434,7 +427,6 @@ def test_contrastive_pml_form_equals_pml_contrastive_loss(pos_margin, neg_margin
     triplet's (a, p) and (a, n) as given (duplicates kept), we deduplicate -- so for that case we
     hand both the same explicit pair tuple.
     """
-    pml_losses, _ = _pml()
     raw, labels = make_batch(n_per_class=(4, 4, 3, 4), dim=8, seed=13, normalise=False)
     emb = F.normalize(raw, dim=1)
     if mined == "none":

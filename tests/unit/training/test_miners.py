@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pytorch_metric_learning import miners as pml_miners  # the oracle: a hard test dependency
 
 import training.miners as miners_mod
 from training.distances import pairwise_distances
@@ -236,17 +237,12 @@ def test_miner_runs_without_grad_and_in_float32_under_autocast():
 # ---------------------------------------------------------------------------- against PML
 
 
-def _pml_miners():
-    return pytest.importorskip("pytorch_metric_learning.miners")
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_batch_hard_equals_pml_batch_hard_miner(seed):
-    pml = _pml_miners()
     raw, labels = make_batch(n_per_class=(4, 4, 4, 4, 1), dim=8, seed=seed, normalise=False)
     emb = F.normalize(raw, dim=1)
     ours = BatchHardMiner()(emb, labels)
-    theirs = pml.BatchHardMiner()(raw, labels)
+    theirs = pml_miners.BatchHardMiner()(raw, labels)
     assert ours[0].tolist() == theirs[0].tolist()  # same anchors (the singleton is dropped by both)
     d = pairwise_distances(emb)
     torch.testing.assert_close(d[ours[0], ours[1]], d[theirs[0], theirs[1]])
@@ -256,11 +252,10 @@ def test_batch_hard_equals_pml_batch_hard_miner(seed):
 @pytest.mark.parametrize("margin", [0.1, 0.3, 0.8])
 @pytest.mark.parametrize("kind", ["semihard", "hard", "all"])
 def test_margin_miners_equal_pml_triplet_margin_miner(margin, kind):
-    pml = _pml_miners()
     raw, labels = make_batch(n_per_class=(5, 5, 4, 5), dim=6, seed=4, normalise=False)
     emb = F.normalize(raw, dim=1)
     ours = {"semihard": SemiHardMiner(margin), "hard": HardMiner(), "all": BatchAllMiner(margin)}[kind](emb, labels)
-    theirs = pml.TripletMarginMiner(margin=margin, type_of_triplets=kind)(raw, labels)
+    theirs = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=kind)(raw, labels)
     assert len(ours[0]) > 0
     assert triplet_set(ours) == triplet_set(theirs)
 

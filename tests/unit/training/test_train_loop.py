@@ -42,7 +42,8 @@ def test_train_writes_run_and_learns(tiny_data, tmp_path):
     # the loss falls on the training classes (whether that generalises to unseen classes is measured on
     # real data in tests/integration/test_train_cub100.py; tiny synthetic classes are too noisy for it)
     assert hist[-1]["train/loss"] < 0.8 * hist[1]["train/loss"]
-    assert 0 <= res["final"]["test/recall@1"] <= 1 and res["final"]["test/num_queries"] == 20
+    r1 = res["final"]["test/recall@1"]
+    assert res["final"]["test/num_queries"] == 20 and r1 * 20 == pytest.approx(round(r1 * 20))  # k of 20 queries
     card = json.loads((run / "model/card.json").read_text())
     assert card["config_digest"] == _cfg(tiny_data, tmp_path / "run", epochs=4).digest()
     with pytest.raises(FileExistsError, match="--resume"):
