@@ -399,8 +399,8 @@ def test_batcher_runs_a_lone_query_on_idle_threads_and_a_batch_on_one(model_dir,
 
     arrays, singles = inputs
     faiss_calls: list[tuple[str, int]] = []
-    real = sb._set_faiss_threads
-    monkeypatch.setattr(sb, "_set_faiss_threads",
+    real = sb.set_search_threads
+    monkeypatch.setattr(sb, "set_search_threads",
                         lambda n: (faiss_calls.append((threading.current_thread().name, n)), real(n)))
     monkeypatch.setattr(sb, "_cores_taken", lambda: False)  # this test's machine may be busy
     holder = {}
