@@ -7,6 +7,7 @@ and building the app are cheap; ``with TestClient(create_app(s))`` runs the life
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -14,8 +15,8 @@ from fastapi.staticfiles import StaticFiles
 
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import (BodyBufferMiddleware, BodyLimitMiddleware, ErrorContractMiddleware,
-                                MetricsMiddleware, SecurityHeadersMiddleware)
+from service.middleware import (BodyBufferMiddleware, BodyLimitMiddleware, EarlyAdmissionMiddleware,
+                                ErrorContractMiddleware, MetricsMiddleware, SecurityHeadersMiddleware)
 from service.routers import feedback, health, images, index, page, search
 from service.settings import Settings
 from service.state import BackendFactory, IndexOpener, ServiceState
@@ -81,6 +82,21 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     return schema
 
 
+def _admitting_routes(routers) -> Callable[[dict], bool]:
+    """``scope -> bool``: does the request go to a route marked ``admits_queries``? Matched against
+    the few marked routes only, with Starlette's own matching (path template and method). Read
+    from the routers (FastAPI 0.16x includes routers lazily: ``app.routes`` holds no APIRoute)."""
+    from starlette.routing import Match
+
+    routes = [r for router in routers for r in router.routes
+              if getattr(getattr(r, "endpoint", None), "admits_queries", False)]
+
+    def admits(scope) -> bool:
+        return any(r.matches(scope)[0] is Match.FULL for r in routes)
+
+    return admits
+
+
 def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None,
                index_opener: IndexOpener | None = None) -> FastAPI:
     """Build the lookalike FastAPI app.
@@ -105,11 +121,13 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
     app.state.settings = settings
     app.openapi = lambda: _openapi(app, settings)
     install_error_handlers(app)
-    for r in (search.router, images.router, index.router, health.router, page.router, feedback.router):
+    routers = (search.router, images.router, index.router, health.router, page.router, feedback.router)
+    for r in routers:
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
 
-    # Added innermost first: Metrics(SecurityHeaders(BodyLimit(BodyBuffer(ErrorContract([CORS](app)))))).
+    # Added innermost first:
+    # Metrics(SecurityHeaders(BodyLimit(EarlyAdmission(BodyBuffer(ErrorContract([CORS](app))))))).
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -119,6 +137,8 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
     app.add_middleware(BodyBufferMiddleware, timeout_s=settings.body_timeout_s,
                        max_buffered_bytes=max(settings.max_buffered_body_bytes, settings.max_body_bytes),
                        retry_after_s=settings.retry_after_s)
+    app.add_middleware(EarlyAdmissionMiddleware, admits=_admitting_routes(routers),
+                       refusal=app.state.lookalike.refusal, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -13,7 +13,9 @@ else. :func:`guarded_protocol` returns a subclass that:
   header is refused after the first ``max_header_bytes``, not buffered whole);
 * counts only requests whose headers are complete (running ASGI tasks) against
   ``limit_concurrency`` and answers beyond it with the service's JSON 503 + ``Retry-After``;
-* answers an unparsable request with a JSON 400 (uvicorn's is plain text).
+* answers an unparsable request with a JSON 400 (uvicorn's is plain text);
+* closes a connection whose request was answered before its body was read (an early 503, a 413)
+  if the rest of that body, which uvicorn discards, has not arrived within ``header_timeout_s``.
 
 Every answer has the one error shape ``{"error": {"code", "message"}}``.
 """
@@ -92,7 +94,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _header_timeout(self) -> None:
         self._header_timer = None
-        if self._headers_done or self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._headers_done:  # armed by on_response_complete: the unread body never finished
+            log.info("closing %s: the rest of an answered request's body did not arrive", self.client)
+            self.transport.close()
             return
         if self._header_bytes > 0:
             log.info("closing %s: request headers incomplete after %.0f s", self.client, self.limits.header_timeout_s)
@@ -156,14 +162,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self._refused:
             super().on_body(body)
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._headers_done and self.cycle is not None and self.cycle.response_complete \
+                and not self.transport.is_closing():
+            # answered before its whole body came: the rest is discarded, but only for so long
+            self._arm_header_timer()
+
     def on_message_complete(self) -> None:
         if self._refused:
             return
+        self._cancel_header_timer()
         super().on_message_complete()
         # the next bytes on this connection start a new request
         self._headers_done = False
         self._header_bytes = 0
         self._header_count = 0
+        if self.cycle is not None and self.cycle.response_complete:
+            # the body of an already answered request: uvicorn armed its keep-alive timeout at the
+            # answer and the body's bytes cancelled it, so the next request gets the header timeout
+            self._arm_header_timer()
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_timer()

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
         description="longest wait for more queries to fill a batch, only while other queries are being decoded",
     )
     max_pending: int = Field(64, ge=1, description="queries admitted at once; beyond it requests get 503 at once")
+    max_queue_wait_ms: float = Field(
+        300.0, ge=0.0, description="refuse a query (503 + Retry-After, before its body is read) when the queries "
+        "already admitted are expected to keep it waiting longer than this: pending queries x the measured "
+        "seconds per query under load (0 = limit by max_pending only)")
     inference_threads: int = Field(1, ge=1, description="torch / ONNX Runtime intra-op threads")
     search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads in the search thread")
     decode_threads: int = Field(2, ge=1, description="threads decoding and preprocessing uploads")

@@ -183,7 +183,8 @@ class ServiceState:
         self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="lookalike-write",
                                              initializer=_limit_faiss_threads, initargs=(1,))
         self.batcher = MicroBatcher(self._backend_factory, max_batch=s.max_batch, wait_ms=s.batch_wait_ms,
-                                    max_pending=s.max_pending, search_threads=s.search_threads,
+                                    max_pending=s.max_pending, max_queue_wait_ms=s.max_queue_wait_ms,
+                                    search_threads=s.search_threads,
                                     metrics=self.metrics)
         self.backend = await asyncio.wrap_future(self.batcher.start())
         self.card = self.backend.card
@@ -266,15 +267,26 @@ class ServiceState:
                 reason = "model or index failed to load; see the server log"
             raise unavailable(f"not ready: {reason}", self.settings.retry_after_s)
 
-    def admit(self) -> Ticket:
-        """Admit one query or answer 503 (overloaded / not running) at once."""
+    def refusal(self) -> str | None:
+        """Why a query would be refused as overloaded right now, or None (O(1), for the check made
+        before a request's body is read; counted in ``lookalike_rejected``). Not ready: None, the
+        route answers that 503 itself."""
+        if not self.ready or self.batcher is None:
+            return None
+        why = self.batcher.refusal()
+        if why is not None:
+            self.metrics.rejected.labels("overloaded").inc()
+        return why
+
+    def admit(self, *, same_request: bool = False) -> Ticket:
+        """Admit one query or answer 503 (overloaded / not running) at once. ``same_request``: one
+        more image of a request already admitted (checked by count only, not by queue wait)."""
         self.require_ready()
         try:
-            return self.batcher.admit()
-        except Overloaded:
+            return self.batcher.admit(check_wait=not same_request)
+        except Overloaded as exc:
             self.metrics.rejected.labels("overloaded").inc()
-            raise unavailable("overloaded: too many queries in progress, retry shortly",
-                              self.settings.retry_after_s) from None
+            raise unavailable(f"overloaded: {exc}; retry shortly", self.settings.retry_after_s) from None
         except NotRunning:
             raise unavailable("not ready", self.settings.retry_after_s) from None
 
