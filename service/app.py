@@ -15,8 +15,8 @@ from fastapi.staticfiles import StaticFiles
 
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import (BodyBufferMiddleware, BodyLimitMiddleware, EarlyAdmissionMiddleware,
-                                ErrorContractMiddleware, MetricsMiddleware, SecurityHeadersMiddleware)
+from service.middleware import (BodyBufferMiddleware, BodyLimitMiddleware, ErrorContractMiddleware,
+                                MetricsMiddleware, SecurityHeadersMiddleware)
 from service.routers import feedback, health, images, index, page, search
 from service.settings import Settings
 from service.state import BackendFactory, IndexOpener, ServiceState
@@ -82,19 +82,25 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
     return schema
 
 
-def _admitting_routes(routers) -> Callable[[dict], bool]:
-    """``scope -> bool``: does the request go to a route marked ``admits_queries``? Matched against
-    the few marked routes only, with Starlette's own matching (path template and method). Read
-    from the routers (FastAPI 0.16x includes routers lazily: ``app.routes`` holds no APIRoute)."""
+def _overload_refusal(state: ServiceState, routers) -> Callable[[str, str], str | None]:
+    """``(method, path) -> why``: why the service would refuse this request with 503 right now,
+    before reading its body, or None. Only requests for the routes marked ``admits_queries`` are
+    refused, when the batcher would refuse a query now (O(1): :meth:`ServiceState.refusal`). The
+    route is matched with Starlette's own matching, against the few marked routes only (read from
+    the routers: FastAPI 0.16x includes routers lazily, so ``app.routes`` holds no APIRoute).
+    Used by the HTTP protocol (:mod:`service.protocol`), which answers before any ASGI work."""
     from starlette.routing import Match
 
     routes = [r for router in routers for r in router.routes
               if getattr(getattr(r, "endpoint", None), "admits_queries", False)]
 
-    def admits(scope) -> bool:
-        return any(r.matches(scope)[0] is Match.FULL for r in routes)
+    def refusal(method: str, path: str) -> str | None:
+        scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+        if any(r.matches(scope)[0] is Match.FULL for r in routes):
+            return state.refusal()
+        return None
 
-    return admits
+    return refusal
 
 
 def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None,
@@ -124,10 +130,10 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
     routers = (search.router, images.router, index.router, health.router, page.router, feedback.router)
     for r in routers:
         app.include_router(r)
+    app.state.overload_refusal = _overload_refusal(app.state.lookalike, routers)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
 
-    # Added innermost first:
-    # Metrics(SecurityHeaders(BodyLimit(EarlyAdmission(BodyBuffer(ErrorContract([CORS](app))))))).
+    # Added innermost first: Metrics(SecurityHeaders(BodyLimit(BodyBuffer(ErrorContract([CORS](app)))))).
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -137,8 +143,6 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
     app.add_middleware(BodyBufferMiddleware, timeout_s=settings.body_timeout_s,
                        max_buffered_bytes=max(settings.max_buffered_body_bytes, settings.max_body_bytes),
                        retry_after_s=settings.retry_after_s)
-    app.add_middleware(EarlyAdmissionMiddleware, admits=_admitting_routes(routers),
-                       refusal=app.state.lookalike.refusal, retry_after_s=settings.retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

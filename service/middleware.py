@@ -134,39 +134,6 @@ class BodyLimitMiddleware:
             await self._drain(receive, received)
 
 
-class EarlyAdmissionMiddleware:
-    """Refuse an inference request with the JSON 503 + ``Retry-After`` before reading any of its
-    body, when the service would not admit a query now.
-
-    Why: a route admits its query once the body has arrived (a slow upload holds no slot), but
-    under overload reading and parsing bodies that will be refused anyway takes the event loop's
-    time from the admitted requests and makes every 503 wait for an upload. Here the decision is
-    taken on the headers alone: ``admits(scope)`` says whether the request's route admits
-    queries (routes marked with :func:`service.routers.common.admits_queries`), ``refusal()``
-    whether one would be refused now (O(1), :meth:`service.batching.MicroBatcher.refusal`). The
-    route decides again once the body is in. The unread body is discarded by the HTTP protocol
-    and the connection stays open for the next request.
-    """
-
-    def __init__(self, app: ASGIApp, *, admits: Callable[[Scope], bool], refusal: Callable[[], str | None],
-                 retry_after_s: int = 1) -> None:
-        self.app = app
-        self.admits = admits
-        self.refusal = refusal
-        self.retry_after = str(retry_after_s).encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.admits(scope):
-            why = self.refusal()
-            if why is not None:
-                start, body = _json_message(503, "unavailable", f"overloaded: {why}; retry shortly",
-                                            [(b"retry-after", self.retry_after)])
-                await send(start)
-                await send(body)
-                return
-        await self.app(scope, receive, send)
-
-
 class BodyBufferMiddleware:
     """Read a request's whole body, within ``timeout_s``, before the app sees the request.
 

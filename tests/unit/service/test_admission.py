@@ -1,7 +1,7 @@
 """Admission by expected queue wait, decided before the body is read (issue 12).
 
-The batcher measures its seconds per query (:class:`service.batching.QueryCost`) and refuses a
-query when ``pending x seconds per query`` is over ``max_queue_wait_ms``; the service answers such
+The batcher measures its seconds per query under load (:class:`service.batching.QueryTime`) and
+refuses a query when ``pending x seconds per query`` is over ``max_queue_wait_ms``; the service answers such
 a request 503 + Retry-After from its headers alone, without reading the body, and keeps the
 connection usable."""
 
@@ -14,22 +14,22 @@ import time
 import httpx
 import pytest
 
-from service.batching import QueryCost
+from service.batching import QueryTime
 from tests.unit.service import imagegen
 from tests.unit.service.apihelpers import search
 from tests.unit.service.serverthread import closed_by_peer, connect, read_response, serve
 
 
-def test_query_cost_is_an_ewma_with_capped_jumps():
-    cost = QueryCost(max_jump=4.0)
-    assert cost.seconds == 0.0
-    cost.observe(0.160, 16)  # the first batch sets it: 10 ms per query
-    assert cost.seconds == pytest.approx(0.010)
-    cost.observe(0.020, 1)  # 20 ms per query: moves by ALPHA of the gap
-    assert cost.seconds == pytest.approx(0.010 + QueryCost.ALPHA * 0.010)
-    before = cost.seconds
-    cost.observe(10.0, 1)  # one pathological batch counts as at most 4x the estimate
-    assert cost.seconds == pytest.approx(before + QueryCost.ALPHA * 3 * before)
+def test_query_time_is_an_ewma_with_capped_jumps():
+    qt = QueryTime(max_jump=4.0)
+    assert qt.seconds == 0.0
+    qt.observe(0.160, 16)  # the first batch sets it: 10 ms per query
+    assert qt.seconds == pytest.approx(0.010)
+    qt.observe(0.020, 1)  # 20 ms per query: moves by ALPHA of the gap
+    assert qt.seconds == pytest.approx(0.010 + QueryTime.ALPHA * 0.010)
+    before = qt.seconds
+    qt.observe(10.0, 1)  # one pathological batch counts as at most 4x the estimate
+    assert qt.seconds == pytest.approx(before + QueryTime.ALPHA * 3 * before)
 
 
 def _pending(batcher, n: int) -> list:
@@ -40,10 +40,10 @@ def test_refusal_by_expected_wait_and_by_count(make_client):
     with make_client(max_queue_wait_ms=100, max_pending=10) as c:
         batcher = c.app.state.lookalike.batcher
         deadline = time.monotonic() + 10
-        while batcher.cost.seconds == 0 and time.monotonic() < deadline:  # folded in just after its answer
+        while batcher.query_time.seconds == 0 and time.monotonic() < deadline:  # folded in just after its answer
             time.sleep(0.01)
-        assert batcher.cost.seconds > 0  # measured on the start-up self-check query
-        batcher.cost.seconds = 0.030  # 30 ms per query
+        assert batcher.query_time.seconds > 0  # measured on the start-up self-check query
+        batcher.query_time.seconds = 0.030  # 30 ms per query
         held = _pending(batcher, 3)  # 90 ms of expected wait: a fourth is admitted
         assert batcher.refusal() is None and batcher.expected_wait_s == pytest.approx(0.090)
         held += _pending(batcher, 1)  # 120 ms: refused, naming the budget
@@ -53,13 +53,13 @@ def test_refusal_by_expected_wait_and_by_count(make_client):
         err = search(c, imagegen.jpeg(3), k=2)
         assert err.status_code == 503 and err.headers["retry-after"] == "1"
         assert err.json()["error"]["code"] == "unavailable" and "100 ms" in err.json()["error"]["message"]
-        batcher.cost.seconds = 0.001
+        batcher.query_time.seconds = 0.001
         held += _pending(batcher, 6)  # 10 pending: the count limit answers whatever the wait
         assert "limit 10" in batcher.refusal()
         for t in held:
             t.release()
         # one query alone is always admitted, however slow the model
-        batcher.cost.seconds = 60.0
+        batcher.query_time.seconds = 60.0
         assert batcher.refusal() is None
         assert search(c, imagegen.jpeg(4), k=2).status_code == 200
 
@@ -67,7 +67,7 @@ def test_refusal_by_expected_wait_and_by_count(make_client):
 def test_zero_budget_admits_by_count_only(make_client):
     with make_client(max_queue_wait_ms=0, max_pending=4) as c:
         batcher = c.app.state.lookalike.batcher
-        batcher.cost.seconds = 60.0
+        batcher.query_time.seconds = 60.0
         held = _pending(batcher, 3)
         assert batcher.refusal() is None
         for t in held:
@@ -80,9 +80,9 @@ def test_overload_is_answered_from_the_headers_and_the_connection_stays_usable(m
 
     settings = make_settings(max_queue_wait_ms=50, header_timeout_s=1.0)
     app = create_app(settings)
-    with serve(app, http=http_protocol(settings)) as port:
+    with serve(app, http=http_protocol(settings, app.state.overload_refusal)) as port:
         state = app.state.lookalike
-        state.batcher.cost.seconds = 1.0
+        state.batcher.query_time.seconds = 1.0
         held = _pending(state.batcher, 1)  # 1 s of expected wait > 50 ms
         req = httpx.Request("POST", "http://t/v1/search", files={"file": ("q.jpg", imagegen.jpeg(5), "image/jpeg")},
                             data={"k": "2"})
