@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # --- input limits --------------------------------------------------------------------------
     max_upload_bytes: int = Field(10 * MiB, ge=1, description="largest accepted image file")
     max_pixels: int = Field(40_000_000, ge=1, description="largest accepted width*height")
+    max_full_decode_pixels: int = Field(
+        4_000_000, ge=1, description="largest width*height of an upload decoded at full size: PNG, WebP and GIF "
+        "(a JPEG can decode at a reduced scale and obeys max_pixels only); bounds an upload's decode time and memory")
     max_side: int = Field(8192, ge=1, description="largest accepted image side in px")
     multipart_overhead_bytes: int = Field(
         64 * 1024, ge=1024, description="request body allowance on top of max_upload_bytes (form fields, boundaries)"

@@ -112,7 +112,8 @@ class ServiceState:
         self._backend_factory = backend_factory
         self._index_opener = index_opener
         self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                                   max_side=settings.max_side)
+                                   max_side=settings.max_side,
+                                   max_full_pixels=settings.max_full_decode_pixels)
         self.batcher: MicroBatcher | None = None
         self.store = None
         self.backend = None
