@@ -20,7 +20,9 @@ else. :func:`guarded_protocol` returns a subclass that:
   connection serves the next request), so a flood of refused requests costs the event loop as
   little as it can;
 * closes a connection whose request was answered before its body was read (an early 503, a 413)
-  if the rest of that body, which is discarded, has not arrived within ``header_timeout_s``.
+  if the rest of that body, which is discarded, has not arrived within ``header_timeout_s``;
+* on SIGTERM, answers 503 and closes at once a request whose body is still arriving (it holds no
+  work), so slow uploads do not hold the shutdown for the graceful timeout.
 
 Every answer has the one error shape ``{"error": {"code", "message"}}``.
 """
@@ -228,6 +230,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # the body of an already answered request: uvicorn armed its keep-alive timeout at the
             # answer and the body's bytes cancelled it, so the next request gets the header timeout
             self._arm_header_timer()
+
+    def shutdown(self) -> None:
+        """Graceful shutdown (SIGTERM). A request whose body is still arriving has started no work:
+        it is answered 503 and let go at once, instead of holding the shutdown for the whole
+        graceful timeout (its task sees a disconnect and ends without answering)."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and self._headers_done \
+                and not self._discarding and not self.transport.is_closing():
+            self._refused = True
+            self.transport.write(error_bytes(503, "unavailable", "service is stopping; retry shortly",
+                                             ((b"retry-after", str(self.limits.retry_after_s).encode()),)))
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.transport.close()
+            return
+        super().shutdown()
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_timer()
