@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=300.0, help="each overload phase")
     ap.add_argument("--factors", default="3,8", help="overload factors x capacity, comma-separated")
     ap.add_argument("--capacity-seconds", type=float, default=15.0)
-    ap.add_argument("--concurrency", type=int, default=16, help="closed-loop connections at capacity")
-    ap.add_argument("--image-size", type=int, default=128, help="model input size (inference cost)")
+    ap.add_argument("--concurrency", type=int, default=32, help="closed-loop connections at capacity")
+    ap.add_argument("--image-size", type=int, default=224, help="model input size (inference cost)")
     args = ap.parse_args(argv)
     factors = tuple(float(f) for f in args.factors.split(","))
     request = None

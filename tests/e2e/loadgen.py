@@ -52,6 +52,7 @@ class Load:
                 "ok_per_s": round(self.ok_per_s, 2),
                 "ok_p50_ms": ms(pct(self.ok_latency, 0.50)), "ok_p99_ms": ms(pct(self.ok_latency, 0.99)),
                 "refused_p50_ms": ms(pct(self.refused_latency, 0.50)),
+                "refused_p95_ms": ms(pct(self.refused_latency, 0.95)),
                 "refused_p99_ms": ms(pct(self.refused_latency, 0.99)),
                 "refused_without_retry_after": self.refused_without_retry_after,
                 "client_lag_ms": round(self.client_lag_s * 1000, 1),
@@ -146,29 +147,33 @@ async def _one(host: str, port: int, request: bytes, idle: list[_Conn], out: Loa
 
 
 async def open_loop(host: str, port: int, request: bytes, rate: float, seconds: float,
-                    timeout_s: float = 30.0) -> Load:
-    """Send ``request`` ``rate`` times per second for ``seconds`` (evenly spaced), whatever the
-    answers; wait up to ``timeout_s`` for the last ones. ``client_lag_s``: the sender's worst delay
-    behind schedule (a sender that cannot keep up offers less than ``rate``)."""
+                    timeout_s: float = 30.0, onset_s: float = 2.0) -> Load:
+    """Send ``request`` ``rate`` times per second for ``onset_s + seconds`` (evenly spaced),
+    whatever the answers, recording the last ``seconds`` only (the steady state; at the onset of a
+    flood, requests that passed the header check together are refused once their bodies are in,
+    a few hundred ms later); wait up to ``timeout_s`` for the last ones. ``client_lag_s``: the
+    sender's worst delay behind schedule (a sender that cannot keep up offers less than ``rate``)."""
     out = Load()
+    onset = Load()
     idle: list[_Conn] = []
     tasks: set[asyncio.Task] = set()
-    n = int(rate * seconds)
+    skip = int(rate * onset_s)
+    n = skip + int(rate * seconds)
     t0 = time.perf_counter()
     for i in range(n):
         due = t0 + i / rate
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        else:
+        elif i >= skip:
             out.client_lag_s = max(out.client_lag_s, -delay)
-        task = asyncio.create_task(_one(host, port, request, idle, out))
+        task = asyncio.create_task(_one(host, port, request, idle, out if i >= skip else onset))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-    out.offered = n
+    out.offered = n - skip
     if tasks:
         await asyncio.wait(tasks, timeout=timeout_s)
-    out.seconds = time.perf_counter() - t0
+    out.seconds = time.perf_counter() - t0 - onset_s
     for c in idle:
         c.close()
     return out
