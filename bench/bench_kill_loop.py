@@ -8,7 +8,7 @@ delete is 404 (else "resurrected"), and the index directory holds no ``.tmp`` fi
 generation or orphan upload ("debris"). A final SIGTERM must exit 0. Prints one line per 10
 cycles, then one JSON line.
 
-    nice -n 19 python bench/bench_kill_loop.py                # 100 cycles, ~15-25 min on 2 cores
+    nice -n 19 python bench/bench_kill_loop.py                # 100 cycles, 15 min at load 4 (50+ at load 15)
     nice -n 19 python bench/bench_kill_loop.py --cycles 20
 """
 
