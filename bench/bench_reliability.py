@@ -46,14 +46,14 @@ if str(REPO) not in sys.path:
 API_KEY = "bench-key-0123456789abcdef"
 
 
-def build_fixture(tmp: Path) -> tuple[Path, Path]:
-    """A seeded model and an index of generated images under ``tmp``."""
+def build_fixture(tmp: Path, image_size: int = 64) -> tuple[Path, Path]:
+    """A seeded model (resnet18 at ``image_size`` px) and an index of generated images under ``tmp``."""
     from index import IndexStore
     from models.backends import TorchBackend
     from models.decode import decode_image
     from tests.helpers import make_image_folder, save_seeded_model
 
-    model = save_seeded_model(tmp / "model")
+    model = save_seeded_model(tmp / "model", image_size=image_size, resize_size=image_size * 9 // 8)
     images = tmp / "images"
     make_image_folder(images, n_classes=6, per_class=8, size=96)
     paths = sorted(p for p in images.rglob("*") if p.is_file())
@@ -156,12 +156,14 @@ def upload_prefix(length: int = 100_000) -> bytes:
             b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff" % length)
 
 
-def start_server(model: Path, index: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(model: Path, index: Path, port: int, log: Path, **settings: str) -> subprocess.Popen:
+    """``python -m service`` on ``port`` (``settings``: more ``LOOKALIKE_*`` values), once ready."""
     import httpx
 
     env = {**os.environ, "LOOKALIKE_MODEL_DIR": str(model), "LOOKALIKE_INDEX_DIR": str(index),
            "LOOKALIKE_API_KEY": API_KEY, "LOOKALIKE_BACKEND": "torch", "LOOKALIKE_PORT": str(port),
-           "LOOKALIKE_CHECKPOINT_EVERY": "0", "PYTHONPATH": str(REPO)}
+           "LOOKALIKE_CHECKPOINT_EVERY": "0", "PYTHONPATH": str(REPO),
+           **{f"LOOKALIKE_{k.upper()}": str(v) for k, v in settings.items()}}
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT)

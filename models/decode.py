@@ -40,13 +40,17 @@ class DecodeLimits:
     """Limits applied before and while decoding.
 
     ``max_bytes``: size of the encoded input; ``max_pixels``: width*height;
-    ``max_side``: the longer side; ``min_side``: the shorter side.
+    ``max_side``: the longer side; ``min_side``: the shorter side; ``max_full_pixels``:
+    width*height of a PNG, WebP or GIF, formats with no reduced-scale decoding (a JPEG can be
+    decoded at 1/2..1/8 scale, see ``draft_size``), so their decode cost is linear in their
+    pixels (about 5 ns each for a PNG here); None = ``max_pixels``.
     """
 
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_side: int = 8192
     min_side: int = 1
+    max_full_pixels: int | None = None
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -310,7 +314,13 @@ def open_image(
             )
         if min(w, h) < limits.min_side:
             raise ImageDecodeError("too_small", f"{w}x{h} is under {limits.min_side} px per side", source)
-        if draft_size is not None and img.format in ("JPEG", "MPO"):
+        jpeg = img.format in ("JPEG", "MPO")
+        if not jpeg and limits.max_full_pixels is not None and w * h > limits.max_full_pixels:
+            raise ImageDecodeError(
+                "too_many_pixels", f"{w}x{h} = {w * h} pixels: a {img.format} is decoded at full size, and the "
+                f"limit for that is {limits.max_full_pixels} pixels (send a JPEG or a smaller image)", source
+            )
+        if draft_size is not None and jpeg:
             # DCT-domain downscale: never below the requested size, so quality is kept.
             img.draft("RGB", draft_size)
         # An opened animation (GIF, WebP, MPO) is positioned on its first frame. Asking for

@@ -7,6 +7,7 @@ and building the app are cheap; ``with TestClient(create_app(s))`` runs the life
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
@@ -107,6 +108,37 @@ def collection_routes(router: APIRouter) -> APIRouter:
     return out
 
 
+def _overload_refusal(registry: Collections, routers) -> Callable[[str, str], str | None]:
+    """``(method, path) -> why``: why the service would refuse this request with 503 right now,
+    before reading its body, or None. Only requests for the routes marked ``admits_queries`` are
+    refused, when the addressed collection's batcher would refuse a query now (O(1):
+    :meth:`ServiceState.refusal`). The route is matched with Starlette's own matching, against
+    the few marked routes only (read from the routers: FastAPI 0.16x includes routers lazily, so
+    ``app.routes`` holds no APIRoute); a ``{collection}`` the server does not have is left to the
+    route (404). Used by the HTTP protocol (:mod:`service.protocol`), which answers before any
+    ASGI work."""
+    from starlette.routing import Match
+
+    from service.errors import ApiError
+
+    routes = [r for router in routers for r in router.routes
+              if getattr(getattr(r, "endpoint", None), "admits_queries", False)]
+
+    def refusal(method: str, path: str) -> str | None:
+        scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+        for r in routes:
+            match, child = r.matches(scope)
+            if match is Match.FULL:
+                try:
+                    state = registry.get(child.get("path_params", {}).get("collection"))
+                except ApiError:
+                    return None
+                return state.refusal()
+        return None
+
+    return refusal
+
+
 def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None,
                index_opener: IndexOpener | None = None) -> FastAPI:
     """Build the lookalike FastAPI app.
@@ -136,11 +168,13 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
     install_error_handlers(app)
     # The collection resources answer for the default collection under /v1, and for any named
     # one under /v1/collections/{collection} (deps.get_state picks it from the path).
+    routers: list[APIRouter] = []
     for r in (search.router, images.router, index.router, feedback.router):
+        routers += [r, collection_routes(r)]
+    routers += [collections.router, health.router, page.router]
+    for r in routers:
         app.include_router(r)
-        app.include_router(collection_routes(r))
-    for r in (collections.router, health.router, page.router):
-        app.include_router(r)
+    app.state.overload_refusal = _overload_refusal(registry, routers)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
 
     # Added innermost first: Metrics(SecurityHeaders(BodyLimit(BodyBuffer(ErrorContract([CORS](app)))))).

@@ -16,8 +16,12 @@ Why this shape (each a measured fact on these 2-core machines):
   forward pass overlaps batch n's search; when no query waits for the model, the inference
   thread searches itself (one hand-off fewer). ``faiss.omp_set_num_threads`` applies only to
   the thread that calls it, so both threads call it.
-* Admission is bounded (``max_pending``): beyond it :class:`Overloaded` is raised at once and the
-  service answers 503 instead of letting latency grow without limit.
+* Admission is bounded by latency, not only by count: the inference thread measures the
+  pipeline's seconds per query under load (:class:`QueryTime`), and a query is refused when the
+  queries already admitted are expected to keep it waiting longer than ``max_queue_wait_ms``
+  (``pending x seconds per query``, Little's law), or when ``max_pending`` are admitted. The
+  decision is O(1) on the event loop (:meth:`MicroBatcher.refusal` reads two numbers), so the
+  service answers 503 from a request's headers, before reading its body (:mod:`service.protocol`).
 * Thread counts follow the load (:class:`ThreadPolicy`): a lone query (nothing queued, nothing
   being decoded, a core free by the load average) runs its forward pass on ``idle_threads``
   threads, so an idle service uses every core; a batch, or a query with others behind it, runs
@@ -166,6 +170,37 @@ class Ticket:
         self.release()
 
 
+class QueryTime:
+    """Seconds per query of the whole pipeline under load, as an EWMA over batches (thread-safe
+    enough: one writer, the inference thread; readers see a whole float).
+
+    A batch that started while other queries were still on their way (admitted, not yet taken
+    by the inference thread) is charged the whole interval since the previous batch ended,
+    divided by its size: that is the rate at which queries really leave, whatever the bottleneck
+    (the forward pass, the decode pool, the event loop parsing uploads, a CPU shared with other
+    work). A batch after an idle spell is charged its own busy time. Each sample is capped at
+    ``max_jump`` times the estimate, so one slow batch cannot quadruple it at once.
+
+    Measured against it (2-core EPYC, load average 15): the forward pass's busy time alone
+    (per batch, times the batches ahead) saw 150 ms where requests waited 1 s, because decoding
+    and parsing on a starved CPU took the rest; the service admitted far past its budget.
+    """
+
+    ALPHA = 0.2
+
+    def __init__(self, max_jump: float = 4.0) -> None:
+        self.seconds = 0.0  #: 0 until the first batch
+        self.max_jump = max_jump
+
+    def observe(self, seconds: float, queries: int) -> None:
+        """Fold in one batch of ``queries`` that took ``seconds`` (see the class docstring)."""
+        x = seconds / max(queries, 1)
+        if self.seconds <= 0.0:
+            self.seconds = x
+            return
+        self.seconds += self.ALPHA * (min(x, self.max_jump * self.seconds) - self.seconds)
+
+
 class MicroBatcher:
     """Runs an :class:`~models.backends.InferenceBackend` and an index search in two threads.
 
@@ -174,6 +209,8 @@ class MicroBatcher:
         max_batch: most queries per forward pass (1 disables micro-batching).
         wait_ms: longest wait for more queries while others are still being decoded.
         max_pending: queries admitted at once (decode + queue + inference + search).
+        max_queue_wait_ms: refuse a query when those already admitted are expected to keep it
+            waiting longer than this (0 = by count only); see :meth:`refusal`.
         search_threads: FAISS OpenMP threads of the search thread (and of busy batches).
         idle_threads: threads of a lone query's forward pass and search (see :class:`ThreadPolicy`);
             not above ``busy_threads`` keeps every batch on the backend's own thread count.
@@ -182,17 +219,19 @@ class MicroBatcher:
     """
 
     def __init__(self, backend_factory: Callable[[], Any], *, max_batch: int = 16, wait_ms: float = 2.0,
-                 max_pending: int = 64, search_threads: int = 1, idle_threads: int = 1, busy_threads: int = 1,
-                 metrics=None) -> None:
-        if max_batch < 1 or max_pending < 1 or wait_ms < 0 or search_threads < 1:
+                 max_pending: int = 64, max_queue_wait_ms: float = 0.0, search_threads: int = 1,
+                 idle_threads: int = 1, busy_threads: int = 1, metrics=None) -> None:
+        if max_batch < 1 or max_pending < 1 or wait_ms < 0 or search_threads < 1 or max_queue_wait_ms < 0:
             raise ValueError(
-                f"need max_batch >= 1, max_pending >= 1, wait_ms >= 0, search_threads >= 1; got "
-                f"{max_batch}, {max_pending}, {wait_ms}, {search_threads}"
+                f"need max_batch >= 1, max_pending >= 1, wait_ms >= 0, max_queue_wait_ms >= 0, search_threads >= 1; "
+                f"got {max_batch}, {max_pending}, {wait_ms}, {max_queue_wait_ms}, {search_threads}"
             )
         self._factory = backend_factory
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1000.0
         self.max_pending = max_pending
+        self.max_wait_s = max_queue_wait_ms / 1000.0
+        self.query_time = QueryTime()
         self.search_threads = search_threads
         self.policy = ThreadPolicy(idle=idle_threads, busy=busy_threads) if idle_threads > busy_threads else None
         self.metrics = metrics
@@ -261,13 +300,37 @@ class MicroBatcher:
         """Queries waiting for the inference thread."""
         return self._queue.qsize()
 
-    def admit(self) -> Ticket:
-        """Admit one query or raise :class:`Overloaded` (at once, no waiting)."""
+    @property
+    def expected_wait_s(self) -> float:
+        """Seconds a query admitted now is expected to wait for those already admitted
+        (``pending x`` :attr:`QueryTime.seconds`); 0 before the first batch."""
+        return self._pending * self.query_time.seconds
+
+    def refusal(self, check_wait: bool = True) -> str | None:
+        """Why a query would be refused right now, or None if it would be admitted. O(1), no lock:
+        the event loop calls it before reading a request's body (:meth:`admit` decides again).
+
+        A query is always admitted when none is pending, however slow the model.
+        ``check_wait=False``: by count only.
+        """
+        pending = self._pending
+        if pending >= self.max_pending:
+            return f"{pending} queries pending (limit {self.max_pending})"
+        if check_wait and self.max_wait_s > 0 and pending > 0:
+            wait = pending * self.query_time.seconds
+            if wait > self.max_wait_s:
+                return (f"expected queue wait {wait * 1000:.0f} ms is over the budget of "
+                        f"{self.max_wait_s * 1000:.0f} ms ({pending} queries pending)")
+        return None
+
+    def admit(self, check_wait: bool = True) -> Ticket:
+        """Admit one query or raise :class:`Overloaded` (at once, no waiting); see :meth:`refusal`."""
         if not self._accepting:
             raise NotRunning("the model and index are not ready")
         with self._lock:
-            if self._pending >= self.max_pending:
-                raise Overloaded(f"{self._pending} queries pending (limit {self.max_pending})")
+            why = self.refusal(check_wait)
+            if why is not None:
+                raise Overloaded(why)
             self._pending += 1
             self._incoming += 1
         return Ticket(self)
@@ -370,9 +433,11 @@ class MicroBatcher:
         self._backend_ready.set_result(backend)
         log.info("inference thread ready (backend=%s, max_batch=%d, wait_ms=%.1f)",
                  getattr(backend, "name", "?"), self.max_batch, self.wait_s * 1000)
+        loaded_since = None  # end of the previous batch, if queries were on their way then
         while True:
             self._busy = False
             first = self._queue.get()
+            start = time.monotonic()
             self._busy = True
             if first is _STOP:
                 return
@@ -380,6 +445,9 @@ class MicroBatcher:
             batch = self._prepare_inline(batch)
             if batch:
                 self._run_batch(backend, batch)
+                end = time.monotonic()
+                self.query_time.observe(end - (loaded_since if loaded_since is not None else start), len(batch))
+                loaded_since = end if (self._incoming > 0 or not self._queue.empty()) else None
             if stop:
                 return
 

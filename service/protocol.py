@@ -13,7 +13,16 @@ else. :func:`guarded_protocol` returns a subclass that:
   header is refused after the first ``max_header_bytes``, not buffered whole);
 * counts only requests whose headers are complete (running ASGI tasks) against
   ``limit_concurrency`` and answers beyond it with the service's JSON 503 + ``Retry-After``;
-* answers an unparsable request with a JSON 400 (uvicorn's is plain text).
+* answers an unparsable request with a JSON 400 (uvicorn's is plain text);
+* answers an inference request the service would refuse now (``refusal(method, path)``, the
+  batcher's O(1) queue-wait check) with the JSON 503 + ``Retry-After`` as soon as its headers are
+  in: no ASGI task, no middleware, no body read (the body is discarded as it arrives and the
+  connection serves the next request), so a flood of refused requests costs the event loop as
+  little as it can;
+* closes a connection whose request was answered before its body was read (an early 503, a 413)
+  if the rest of that body, which is discarded, has not arrived within ``header_timeout_s``;
+* on SIGTERM, answers 503 and closes at once a request whose body is still arriving (it holds no
+  work), so slow uploads do not hold the shutdown for the graceful timeout.
 
 Every answer has the one error shape ``{"error": {"code", "message"}}``.
 """
@@ -22,7 +31,11 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import httptools
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -40,13 +53,19 @@ class HttpLimits:
     max_header_bytes: int = 32 * 1024
     limit_concurrency: int | None = 512
     retry_after_s: int = 1
+    #: ``(method, path) -> why`` the service would refuse the request with 503 now, or None.
+    refusal: Callable[[str, str], str | None] | None = None
 
 
-def error_bytes(status: int, code: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
-    """A whole HTTP/1.1 response (JSON error body, ``Connection: close``) as bytes."""
+def error_bytes(status: int, code: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = (),
+                close: bool = True) -> bytes:
+    """A whole HTTP/1.1 response (JSON error body, ``Connection: close`` unless ``close`` is
+    False) as bytes."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Error")),
-             b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]
+             b"content-type: application/json", b"content-length: %d" % len(body)]
+    if close:
+        lines.append(b"connection: close")
     lines += [k + b": " + v for k, v in extra]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
@@ -77,6 +96,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._headers_done = False
         self._refused = False
         self._header_timer = None
+        self._discarding = False  # the request was answered 503 from its headers; its body is dropped
         self._overloaded = overloaded_app(self.limits.retry_after_s)
         self._arm_header_timer()
 
@@ -92,7 +112,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _header_timeout(self) -> None:
         self._header_timer = None
-        if self._headers_done or self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._headers_done:  # armed by on_response_complete: the unread body never finished
+            log.info("closing %s: the rest of an answered request's body did not arrive", self.client)
+            self.transport.close()
             return
         if self._header_bytes > 0:
             log.info("closing %s: request headers incomplete after %.0f s", self.client, self.limits.header_timeout_s)
@@ -141,6 +165,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(431, "headers_too_large", f"more than {self.limits.max_header_count} request headers")
             return
         self._headers_done = True
+        if self._refuse_overloaded():
+            return
         limit = self.limits.limit_concurrency
         if limit is not None and len(self.tasks) >= limit:
             log.warning("connection limit: %d requests in progress; answering 503", len(self.tasks))
@@ -152,18 +178,74 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
 
+    def _refuse_overloaded(self) -> bool:
+        """Answer 503 now if ``limits.refusal`` says so (see the module docstring); True if answered.
+        Not for a pipelined request (answers must keep their order) nor a connection that is
+        not kept alive (closing with its body unread could reset the answer away)."""
+        check = self.limits.refusal
+        if check is None or (self.cycle is not None and not self.cycle.response_complete) \
+                or not self.parser.should_keep_alive():
+            return False
+        try:
+            path = httptools.parse_url(self.url).path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            return False  # uvicorn answers it
+        why = check(self.parser.get_method().decode("ascii"), urllib.parse.unquote(path) if "%" in path else path)
+        if why is None:
+            return False
+        self.transport.write(error_bytes(503, "unavailable", f"overloaded: {why}; retry shortly",
+                                         ((b"retry-after", str(self.limits.retry_after_s).encode()),), close=False))
+        self._discarding = True
+        self._arm_header_timer()  # the body must follow within the header timeout, or the connection closes
+        return True
+
     def on_body(self, body: bytes) -> None:
-        if not self._refused:
+        if not self._refused and not self._discarding:
             super().on_body(body)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._headers_done and self.cycle is not None and self.cycle.response_complete \
+                and not self.transport.is_closing():
+            # answered before its whole body came: the rest is discarded, but only for so long
+            self._arm_header_timer()
 
     def on_message_complete(self) -> None:
         if self._refused:
+            return
+        self._cancel_header_timer()
+        if self._discarding:  # the refused request's body is over: ready for the next request
+            self._discarding = False
+            self._headers_done = False
+            self._header_bytes = 0
+            self._header_count = 0
+            self._arm_header_timer()
             return
         super().on_message_complete()
         # the next bytes on this connection start a new request
         self._headers_done = False
         self._header_bytes = 0
         self._header_count = 0
+        if self.cycle is not None and self.cycle.response_complete:
+            # the body of an already answered request: uvicorn armed its keep-alive timeout at the
+            # answer and the body's bytes cancelled it, so the next request gets the header timeout
+            self._arm_header_timer()
+
+    def shutdown(self) -> None:
+        """Graceful shutdown (SIGTERM). A request whose body is still arriving has started no work:
+        it is answered 503 and let go at once, instead of holding the shutdown for the whole
+        graceful timeout (its task sees a disconnect and ends without answering)."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and self._headers_done \
+                and not self._discarding and not self.transport.is_closing():
+            self._refused = True
+            self.transport.write(error_bytes(503, "unavailable", "service is stopping; retry shortly",
+                                             ((b"retry-after", str(self.limits.retry_after_s).encode()),)))
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.transport.close()
+            return
+        super().shutdown()
 
     def connection_lost(self, exc) -> None:
         self._cancel_header_timer()

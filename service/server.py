@@ -55,10 +55,12 @@ def reexec_clean(overrides: dict) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "service"], env)
 
 
-def http_protocol(settings: Settings):
+def http_protocol(settings: Settings, refusal=None):
     """uvicorn ``http=`` value: the guarded httptools protocol (header timeout and limits, JSON
-    503 at the connection limit), or uvicorn's h11 with its header-size limit if httptools is
-    missing (then the connection limit is uvicorn's own, plain-text)."""
+    503 at the connection limit, and the 503 from the headers when ``refusal(method, path)``
+    says so: the app's ``state.overload_refusal``), or uvicorn's h11 with its header-size limit
+    if httptools is missing (then the connection limit is uvicorn's own, plain-text, and an
+    overloaded service refuses inference requests once their body is in)."""
     try:
         from service.protocol import HttpLimits, guarded_protocol
     except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
@@ -68,7 +70,7 @@ def http_protocol(settings: Settings):
     return guarded_protocol(HttpLimits(
         header_timeout_s=settings.header_timeout_s, max_header_count=settings.max_header_count,
         max_header_bytes=settings.max_header_bytes, limit_concurrency=settings.limit_concurrency,
-        retry_after_s=settings.retry_after_s,
+        retry_after_s=settings.retry_after_s, refusal=refusal,
     ))
 
 
@@ -86,7 +88,7 @@ def run(settings: Settings) -> int:
     from service.app import create_app
 
     app = create_app(settings)
-    http = http_protocol(settings)
+    http = http_protocol(settings, app.state.overload_refusal)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # --- input limits --------------------------------------------------------------------------
     max_upload_bytes: int = Field(10 * MiB, ge=1, description="largest accepted image file")
     max_pixels: int = Field(40_000_000, ge=1, description="largest accepted width*height")
+    max_full_decode_pixels: int = Field(
+        4_000_000, ge=1, description="largest width*height of an upload decoded at full size: PNG, WebP and GIF "
+        "(a JPEG can decode at a reduced scale and obeys max_pixels only); bounds an upload's decode time and memory")
     max_side: int = Field(8192, ge=1, description="largest accepted image side in px")
     multipart_overhead_bytes: int = Field(
         64 * 1024, ge=1024, description="request body allowance on top of max_upload_bytes (form fields, boundaries)"
@@ -88,6 +91,10 @@ class Settings(BaseSettings):
         description="longest wait for more queries to fill a batch, only while other queries are being decoded",
     )
     max_pending: int = Field(64, ge=1, description="queries admitted at once; beyond it requests get 503 at once")
+    max_queue_wait_ms: float = Field(
+        300.0, ge=0.0, description="refuse a query (503 + Retry-After, before its body is read) when the queries "
+        "already admitted are expected to keep it waiting longer than this: pending queries x the measured "
+        "seconds per query under load (0 = limit by max_pending only)")
     inference_threads: int = Field(1, ge=1, description="torch / ONNX Runtime intra-op threads")
     search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads in the search thread")
     idle_threads: int = Field(

@@ -106,8 +106,8 @@ class ModelRuntime:
 
     def __init__(self, backend_factory: BackendFactory, settings: Settings, metrics: ServiceMetrics) -> None:
         self.batcher = MicroBatcher(backend_factory, max_batch=settings.max_batch, wait_ms=settings.batch_wait_ms,
-                                    max_pending=settings.max_pending, search_threads=settings.search_threads,
-                                    idle_threads=settings.idle_thread_count, busy_threads=settings.inference_threads,
+                                    max_pending=settings.max_pending, max_queue_wait_ms=settings.max_queue_wait_ms,
+                                    search_threads=settings.search_threads, idle_threads=settings.idle_thread_count, busy_threads=settings.inference_threads,
                                     metrics=metrics)
         self._loading: asyncio.Future | None = None
 
@@ -143,7 +143,8 @@ class ServiceState:
         self.images_root = images_root
         self._index_opener = index_opener
         self.limits = DecodeLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                                   max_side=settings.max_side)
+                                   max_side=settings.max_side,
+                                   max_full_pixels=settings.max_full_decode_pixels)
         self.batcher: MicroBatcher | None = None
         self.store = None
         self.backend = None
@@ -267,15 +268,26 @@ class ServiceState:
             what = "not ready" if self.name == DEFAULT_COLLECTION else f"collection {self.name!r} not ready"
             raise unavailable(f"{what}: {reason}", self.settings.retry_after_s)
 
-    def admit(self) -> Ticket:
-        """Admit one query or answer 503 (overloaded / not running) at once."""
+    def refusal(self) -> str | None:
+        """Why a query would be refused as overloaded right now, or None (O(1), for the check made
+        before a request's body is read; counted in ``lookalike_rejected``). Not ready: None, the
+        route answers that 503 itself."""
+        if not self.ready or self.batcher is None:
+            return None
+        why = self.batcher.refusal()
+        if why is not None:
+            self.metrics.rejected.labels("overloaded").inc()
+        return why
+
+    def admit(self, *, same_request: bool = False) -> Ticket:
+        """Admit one query or answer 503 (overloaded / not running) at once. ``same_request``: one
+        more image of a request already admitted (checked by count only, not by queue wait)."""
         self.require_ready()
         try:
-            return self.batcher.admit()
-        except Overloaded:
+            return self.batcher.admit(check_wait=not same_request)
+        except Overloaded as exc:
             self.metrics.rejected.labels("overloaded").inc()
-            raise unavailable("overloaded: too many queries in progress, retry shortly",
-                              self.settings.retry_after_s) from None
+            raise unavailable(f"overloaded: {exc}; retry shortly", self.settings.retry_after_s) from None
         except NotRunning:
             raise unavailable("not ready", self.settings.retry_after_s) from None
 

@@ -18,6 +18,14 @@ from service.uploads import parse_k, parse_label
 _ID = "__image_id__"
 
 
+def admits_queries(endpoint):
+    """Mark a route whose handler admits an inference query (``state.admit()``) as soon as it
+    starts: under overload the service then answers it 503 before reading its body
+    (:class:`service.middleware.EarlyAdmissionMiddleware`). Put it under ``@router.post(...)``."""
+    endpoint.admits_queries = True
+    return endpoint
+
+
 def image_url_prefix(request: Request) -> tuple[str, str]:
     """(before, after) the id in an image's URL on this service (relative, proxy-prefix aware),
     in the collection the request addresses."""

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from models.decode import image_ext, image_media_type
 from service.deps import ReadyDep, WriterDep
 from service.errors import ApiError
-from service.routers.common import errors, image_url, parse_window, search_response
+from service.routers.common import admits_queries, errors, image_url, parse_window, search_response
 from service.schemas import AddImageResponse, DeleteResponse, ImageOut, SearchResponse
 from service.uploads import parse_label, read_upload, upload_openapi
 
@@ -111,6 +111,7 @@ async def similar(request: Request, image_id: ImageId, state: ReadyDep,
     responses={200: {"model": AddImageResponse, "description": "the same bytes were already indexed"},
                **errors(400, 401, 403, 413, 415, 422, 503)},
 )
+@admits_queries
 async def add_image(request: Request, response: Response, state: WriterDep) -> AddImageResponse:
     """Embed and index an uploaded image. A 201 means it is durable and the next search sees it;
     200 means the identical file was already indexed (the existing record is returned)."""

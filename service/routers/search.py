@@ -29,7 +29,7 @@ from models.decode import ImageDecodeError
 from service.deps import ReadyDep
 from service.errors import ApiError, from_decode_error
 from service.batching import Ticket
-from service.routers.common import SearchWindow, errors, hit_list, parse_window, search_response
+from service.routers.common import SearchWindow, admits_queries, errors, hit_list, parse_window, search_response
 from service.schemas import BatchSearchResponse, SearchResponse
 from service.state import ServiceState
 from service.uploads import MAX_FIELD_BYTES, read_upload, upload_openapi
@@ -135,15 +135,15 @@ def _as_api_error(exc: BaseException) -> ApiError:
 async def _embed_parts(state: ServiceState, first: Ticket, parts: list[_Part]) -> list[np.ndarray | ApiError]:
     """Embed every part concurrently (the micro-batcher takes them into shared forward passes).
 
-    One admitted query per image: ``first`` was admitted by the caller (before the body was
-    read), the rest are admitted here; if the service cannot admit them all, the whole request
-    gets 503 (nothing half-done).
+    One admitted query per image: ``first`` was admitted by the caller (the request passed the
+    queue-wait check then), the rest are admitted here by count only; if the service cannot
+    admit them all, the whole request gets 503 (nothing half-done).
 
     Returns, per part, its (D,) float32 unit vector or its error.
     """
     todo = [p for p in parts if p.error is None]
     with contextlib.ExitStack() as tickets:
-        admitted = [first] + [tickets.enter_context(state.admit()) for _ in todo[1:]]
+        admitted = [first] + [tickets.enter_context(state.admit(same_request=True)) for _ in todo[1:]]
         done = await asyncio.gather(*(state.embed_upload(t, p.data) for t, p in zip(admitted, todo)),
                                     return_exceptions=True)
     by_part = dict(zip(map(id, todo), done))
@@ -168,6 +168,7 @@ async def _search_vectors(state: ServiceState, vectors: np.ndarray, w: SearchWin
     openapi_extra=upload_openapi(*_WINDOW_FIELDS),
     responses=errors(400, 413, 415, 422, 503),
 )
+@admits_queries
 async def search(request: Request, state: ReadyDep) -> JSONResponse:
     """Upload an image (multipart field ``file``) and get the top ``k`` indexed images ranked by
     cosine similarity. The format is decided by the content (JPEG, PNG, WebP, GIF).
@@ -193,6 +194,7 @@ async def search(request: Request, state: ReadyDep) -> JSONResponse:
     openapi_extra=_multi_upload_openapi(),
     responses=errors(400, 413, 415, 422, 503),
 )
+@admits_queries
 async def search_batch(request: Request, state: ReadyDep) -> JSONResponse:
     """Upload up to 32 images (several multipart parts named ``file``) and get one result list per
     image, in the order sent; each equals what ``POST /v1/search`` answers for that image alone.
@@ -246,6 +248,7 @@ def _parse_ids(values: list[str]) -> tuple[int, ...]:
         files_required=False),
     responses=errors(400, 404, 413, 415, 422, 503),
 )
+@admits_queries
 async def search_mean(request: Request, state: ReadyDep) -> JSONResponse:
     """"More like these": the query is the mean of the images' unit vectors, renormalised.
 

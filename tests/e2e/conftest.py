@@ -59,24 +59,28 @@ def e2e_images(tmp_path_factory) -> tuple[Path, list[Path]]:
     return root, files
 
 
-@pytest.fixture(scope="session")
-def e2e_template_index(tmp_path_factory, e2e_model, e2e_images) -> Path:
+def build_index(model_dir: Path, images: tuple[Path, list[Path]], d: Path) -> Path:
+    """Index ``images`` (root, files) with the model in ``model_dir`` into a new directory ``d``."""
     from index import IndexStore
     from models import decode_image, load_card
     from models.backends import TorchBackend
 
-    root, files = e2e_images
-    backend = TorchBackend(e2e_model, bf16=False)
+    root, files = images
+    backend = TorchBackend(model_dir, bf16=False)
     # JPEG draft decoding, as `lookalike index build` and the service do
     vectors = backend.embed_images([decode_image(p, draft_size=backend.preprocess.draft_size()) for p in files])
-    d = tmp_path_factory.mktemp("e2e-index") / "idx"
-    store = IndexStore.create(d, card=load_card(e2e_model), images_root=root)
+    store = IndexStore.create(d, card=load_card(model_dir), images_root=root)
     store.add(vectors, [{"path": p.relative_to(root).as_posix(), "label": p.parent.name,
                          "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size,
                          "mtime": p.stat().st_mtime, "source": "folder"} for p in files])
     store.checkpoint()
     store.close()
     return d
+
+
+@pytest.fixture(scope="session")
+def e2e_template_index(tmp_path_factory, e2e_model, e2e_images) -> Path:
+    return build_index(e2e_model, e2e_images, tmp_path_factory.mktemp("e2e-index") / "idx")
 
 
 class ServerProcess:

@@ -76,6 +76,15 @@ def test_pixel_bomb_and_side_limits():
     assert _code(_enc(_rgb(50, 50), "PNG"), limits=DecodeLimits(max_pixels=100)) == "too_many_pixels"
 
 
+def test_full_decode_pixel_limit_spares_jpeg():
+    """PNG, WebP and GIF cannot decode at a reduced scale: their own pixel cap; a JPEG obeys max_pixels."""
+    limits = DecodeLimits(max_full_pixels=50 * 40 - 1)
+    for fmt in ("PNG", "WEBP", "GIF"):
+        assert _code(_enc(_rgb(50, 40), fmt), limits=limits) == "too_many_pixels", fmt
+    assert decode_image(_enc(_rgb(50, 40), "JPEG"), limits=limits).size == (50, 40)
+    assert decode_image(_enc(_rgb(50, 40), "PNG"), limits=DecodeLimits(max_full_pixels=50 * 40)).size == (50, 40)
+
+
 def test_byte_limit():
     assert _code(_enc(_rgb(100, 100), "PNG"), limits=DecodeLimits(max_bytes=100)) == "too_large"
 

@@ -77,9 +77,12 @@ def test_crop_first_equals_resize_then_crop(mode, size):
     diff = np.abs(np.asarray(out, dtype=np.int16) - _reference(pre, img))
     if mode == "RGB" and max(size) <= 4 * min(size):
         assert diff.max() == 0  # the common case stays bit-exact with the indexes already built
-    # same taps and weights; Pillow may order the two passes differently (8-bit intermediate)
-    assert diff.max() <= 1, (mode, size, diff.max())
-    assert diff.mean() < 0.35, (mode, size, diff.mean())
+    # same taps and weights; Pillow may order the two passes differently (8-bit intermediate);
+    # alpha is resampled premultiplied in 8 bits (2x faster than compositing every source pixel
+    # first): one rounding more, at most 2 levels, 0.4 on average
+    alpha = mode in ("RGBA", "LA")
+    assert diff.max() <= (2 if alpha else 1), (mode, size, diff.max())
+    assert diff.mean() < (0.45 if alpha else 0.35), (mode, size, diff.mean())
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "I;16", "P", "F"])
@@ -90,7 +93,8 @@ def test_many_strips_equal_one_pass(monkeypatch, mode):
     monkeypatch.setattr(preprocess_mod, "REGION_STRIP_PIXELS", 3000)
     monkeypatch.setattr(decode_mod, "STRIP_PIXELS", 3000)
     diff = np.abs(np.asarray(pre.resize_crop(img), dtype=np.int16) - _reference(pre, img))
-    assert diff.max() <= 1 and diff.mean() < 0.35
+    alpha = mode == "RGBA"  # see test_crop_first_equals_resize_then_crop
+    assert diff.max() <= (2 if alpha else 1) and diff.mean() < (0.45 if alpha else 0.35)
 
 
 def test_sixteen_bit_conversion_matches_float_formula():

@@ -108,6 +108,8 @@ def test_sigterm_with_a_half_sent_upload_exits_0_after_the_checkpoint(make_setti
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=2 + 5 + 10)
         took = time.monotonic() - t0
+        status, _, body = read_response(half)  # let go at once: its body never came, it held no work
+        assert status == 503 and json.loads(body)["error"]["code"] == "unavailable", body
         half.close()
     finally:
         if proc.poll() is None:

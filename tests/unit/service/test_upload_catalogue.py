@@ -23,6 +23,7 @@ def _alive(client) -> None:
         ("truncated jpeg", imagegen.truncated_jpeg, 400, "truncated"),
         ("png bomb over the pixel limit", lambda: imagegen.png_bomb(7000, 7000), 413, "too_many_pixels"),
         ("png over the side limit", lambda: imagegen.png_bomb(9000, 16), 413, "too_many_pixels"),
+        ("png over the full-decode limit (4 MP)", lambda: imagegen.png_bomb(2100, 2000), 413, "too_many_pixels"),
         ("tiff renamed .jpg", imagegen.tiff, 415, "unsupported_format"),
         ("eps renamed .jpg", imagegen.eps, 415, "unsupported_format"),
         ("psd renamed .jpg", imagegen.psd, 415, "unsupported_format"),
