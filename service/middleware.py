@@ -229,7 +229,21 @@ class BodyBufferMiddleware:
             self.buffered -= reserved
 
 
-class ErrorContractMiddleware:
+class _HttpMiddleware:
+    """A pure ASGI middleware acting on HTTP requests only (the subclass's ``http(scope, receive,
+    send)``); lifespan and other scopes pass through untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.http(scope, receive, send)  # defined by each subclass
+
+
+class ErrorContractMiddleware(_HttpMiddleware):
     """Every error below it leaves in the one JSON shape, and each unexpected one is logged once.
 
     * An exception no handler took is answered here (500 ``internal``, or 507 when the disk is
@@ -240,13 +254,7 @@ class ErrorContractMiddleware:
       is rewritten to ``{"error": {"code", "message"}}`` with the same status and headers.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         from service.errors import _STATUS_CODES, unexpected_error
 
         started = False
@@ -323,7 +331,7 @@ class MetricsMiddleware:
             self.metrics.observe_request(scope.get("method", ""), template, status, time.perf_counter() - t0)
 
 
-class SecurityHeadersMiddleware:
+class SecurityHeadersMiddleware(_HttpMiddleware):
     """Add conservative security headers to every response (CSP for the page)."""
 
     HEADERS = [
@@ -340,13 +348,7 @@ class SecurityHeadersMiddleware:
     #: Paths whose pages load Swagger UI / ReDoc from their CDN: no CSP there.
     NO_CSP_PREFIXES = ("/docs", "/redoc")
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         csp = not scope.get("path", "").startswith(self.NO_CSP_PREFIXES)
 
         async def send_wrapper(msg: Message) -> None:
