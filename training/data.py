@@ -246,9 +246,11 @@ def drop_unreadable(splits: dict[str, Split], *, workers: int = 2,
     return out
 
 
-def choose_p(requested: int, labels: Sequence[int]) -> int:
+def choose_p(requested: int, labels: Sequence[int], multiple_of: int = 1) -> int:
     """P of the P×K batches for these training labels: ``requested``, or fewer when fewer classes
-    have the two images a positive pair needs (logged). Raises ValueError below two such classes."""
+    have the two images a positive pair needs (logged), rounded down to a multiple of
+    ``multiple_of`` when it had to be lowered (the number of processes sharing a global batch).
+    Raises ValueError below two such classes."""
     counts: dict[int, int] = defaultdict(int)
     for y in labels:
         counts[int(y)] += 1
@@ -257,9 +259,10 @@ def choose_p(requested: int, labels: Sequence[int]) -> int:
         raise ValueError(f"only {usable} training classes have 2 or more images; P×K batches need at least 2 "
                          "(add images or classes, or hold out fewer classes with --data.test_fraction)")
     if requested > usable:
+        p = usable - usable % multiple_of if usable >= max(2, multiple_of) else usable
         log.warning("data.p is %d but the training split has %d classes with 2+ images: using P=%d "
-                    "(--data.p sets it)", requested, usable, usable)
-        return usable
+                    "(--data.p sets it)", requested, usable, p)
+        return p
     return requested
 
 

@@ -508,12 +508,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if cfg.data.sampler == "confusable":
         from training.confusable import ConfusablePKSampler
 
-        sampler = ConfusablePKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels), cfg.data.k,
+        sampler = ConfusablePKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels, distributed.world_size()), cfg.data.k,
                                       batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed,
                                       group=cfg.data.confusable_group,
                                       random_share=cfg.data.confusable_random_share)
     else:
-        sampler = PKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels), cfg.data.k,
+        sampler = PKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels, distributed.world_size()), cfg.data.k,
                             batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
     if distributed.is_distributed():  # each rank takes its P/world classes of the global batch
         sampler = distributed.RankBatches(sampler)

@@ -59,6 +59,15 @@ def test_p_follows_the_number_of_classes(caplog):
         choose_p(16, [0, 0, 1])
 
 
+def test_p_lowered_for_several_processes_stays_a_multiple_of_them():
+    """Under torchrun the global batch is split by whole classes, so a lowered P must divide."""
+    labels = [c for c in range(11) for _ in range(3)]  # 11 classes with pairs
+    assert choose_p(16, labels, multiple_of=2) == 10
+    assert choose_p(16, labels, multiple_of=3) == 9
+    assert choose_p(16, labels, multiple_of=1) == 11
+    assert choose_p(8, labels, multiple_of=3) == 8  # not lowered: the user's P is checked by the sampler
+
+
 def test_too_small_warning():
     assert too_small_warning(3, 60) is not None
     assert too_small_warning(46, 2700) is None
