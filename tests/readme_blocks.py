@@ -28,7 +28,8 @@ makes the long steps short. Every stand-in is listed in :data:`SUBSTITUTIONS` an
 
 * ``../shared/data/cub100`` -> a generated ImageFolder of 20 classes x 25 images with one corrupt
   JPEG and one ``.txt`` file and no class lists (the "first run on any folder" target);
-* ``--budget X`` -> ``--budget 20s``, ``--epochs N`` -> ``--epochs 1``, ``--steps N`` -> ``--steps 10``;
+* ``--budget X`` -> ``--budget 20s``, ``--epochs N`` -> ``--epochs 1``, ``--steps N`` -> ``--steps 10``,
+  ``--factory IVF<n>,`` -> ``--factory IVF4,`` (an IVF for a few dozen images);
 * port ``8000`` -> a free port;
 * ``podman build`` gets the CA mounts the README's hint describes, where ``scripts/podman_setup.sh``
   wrote a ``pip.conf`` (this machine's pip needs its CA bundle inside the build);
@@ -146,6 +147,7 @@ def substitutions(data: Path, port: int) -> list[tuple[str, str]]:
         (r"--budget \S+", f"--budget {BUDGET}"),
         (r"--epochs \d+", "--epochs 1"),
         (r"--steps \d+", "--steps 10"),
+        (r"--factory IVF\d+,", "--factory IVF4,"),
         (r"(?<!\d{4}:)\b8000\b", str(port)),  # not a container's own port (-p 127.0.0.1:8000:8000)
     ]
 
@@ -153,7 +155,7 @@ def substitutions(data: Path, port: int) -> list[tuple[str, str]]:
 #: What the substitutions stand for (printed with the test's output).
 SUBSTITUTIONS = ("../shared/data/cub100 -> a generated 20x25 ImageFolder (one corrupt JPEG, one .txt, no class lists)",
                  f"--budget X -> --budget {BUDGET}", "--epochs N -> --epochs 1", "--steps N -> --steps 10",
-                 "port 8000 -> a free port", "podman build -> + the README's CA-bundle mounts where this machine needs them")
+                 "--factory IVF<n>, -> --factory IVF4, (the stand-in photos/ has 64 images)", "port 8000 -> a free port", "podman build -> + the README's CA-bundle mounts where this machine needs them")
 
 
 def stand_ins(work: Path) -> Path:
