@@ -188,7 +188,26 @@ def scratch_copy(work: Path) -> None:
         dst = work / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
+    venv_current(REPO)
     (work / ".venv").symlink_to(REPO / ".venv")
+
+
+#: Written by ``scripts/setup`` after it installed the project into ``.venv``.
+STAMP = ".venv/.lookalike-installed"
+
+
+def venv_current(repo: Path) -> None:
+    """Refuse to run on a ``.venv`` older than ``pyproject.toml``: the scratch copy links that venv,
+    and ``scripts/setup`` in the README's quick start would otherwise reinstall the project from the
+    scratch copy, pointing the developer's editable install at a folder pytest later deletes.
+
+    Raises:
+        RuntimeError: naming the command that brings the venv up to date.
+    """
+    stamp = repo / STAMP
+    if not stamp.is_file() or (repo / "pyproject.toml").stat().st_mtime > stamp.stat().st_mtime:
+        raise RuntimeError(f"{repo / '.venv'} is older than pyproject.toml: run scripts/setup first (the README "
+                           "run links this venv and must not reinstall the project from its scratch copy)")
 
 
 def podman_reason() -> str | None:

@@ -74,3 +74,21 @@ def test_a_failing_block_fails_the_session(tmp_path):
     p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode != 0 and "never" not in p.stdout
     assert "README line 5" in p.stderr
+
+
+def test_the_readme_run_refuses_a_venv_older_than_pyproject(tmp_path):
+    """The scratch copy links the developer's .venv: with a stale install, scripts/setup in the quick
+    start would reinstall the project from the scratch copy (which pytest deletes later)."""
+    import os
+
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    with pytest.raises(RuntimeError, match="run scripts/setup first"):
+        rb.venv_current(tmp_path)  # never installed
+    stamp = tmp_path / rb.STAMP
+    stamp.touch()
+    os.utime(tmp_path / "pyproject.toml", (stamp.stat().st_mtime + 10,) * 2)
+    with pytest.raises(RuntimeError, match="older than pyproject.toml"):
+        rb.venv_current(tmp_path)  # pyproject changed since the install
+    os.utime(stamp, (stamp.stat().st_mtime + 20,) * 2)
+    rb.venv_current(tmp_path)  # up to date: no error
