@@ -196,17 +196,15 @@ def cmd_build(args) -> int:
 
     from models import load_card
 
-    from index.store import STORE_FILE, IndexStore
-
+    from index.ingest import IMAGE_SUFFIXES
     from index.shards import parse_shard, shard_dir, shard_from_env
+    from index.store import STORE_FILE, IndexStore
 
     card = load_card(args.model)
     images = Path(args.images)
     if not images.is_dir():
         raise FileNotFoundError(f"{images}: no such image folder")
     shard = parse_shard(args.shard) if args.shard else shard_from_env()
-    from index.ingest import IMAGE_SUFFIXES
-
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.rglob("*") if not p.name.startswith(".")):
         raise ValueError(f"{images}: no image files found (JPEG, PNG, WebP, GIF, ...); nothing to index")
     out = Path(args.out)

@@ -21,7 +21,6 @@ Torch-free: only SQLite and the standard library.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sqlite3
@@ -251,13 +250,9 @@ def stored_files(con: sqlite3.Connection) -> list[str]:
 
 
 def _images_root(directory: Path) -> Path | None:
-    from index.store import STORE_FILE
+    from index.store import read_store_config
 
-    try:
-        config = json.loads((directory / STORE_FILE).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{directory}: not a lookalike index (no {STORE_FILE})") from None
-    root = config.get("images_root")
+    root = read_store_config(directory).get("images_root")
     return Path(root) if root else None
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from index import ann
 from index import generations as gens
-from index.store import STORE_FILE, TRAINED_FILE, IndexStore
+from index.store import STORE_FILE, TRAINED_FILE, IndexStore, read_store_config
 from models.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -185,16 +185,6 @@ class _Shard:
     index: faiss.Index | None  # the shard's IVF (from its newest generation), None for Flat
 
 
-def _read_config(d: Path) -> dict:
-    try:
-        return json.loads((d / STORE_FILE).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{d}: not a lookalike index (no {STORE_FILE}); give the shard directories "
-                                "made by `lookalike index build --shard i/N`") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{d / STORE_FILE}: unreadable ({exc})") from None
-
-
 def check_shards(dirs: list[Path]) -> list[dict]:
     """The shards' store.json configs, refused unless they are the complete, matching shards of one build.
 
@@ -204,7 +194,8 @@ def check_shards(dirs: list[Path]) -> list[dict]:
     """
     if not dirs:
         raise ValueError("give the shard directories to merge")
-    configs = [_read_config(d) for d in dirs]
+    configs = [read_store_config(d, hint="; give the shard directories made by `lookalike index build --shard i/N`")
+               for d in dirs]
     first, f0 = dirs[0], configs[0]
     for d, c in zip(dirs, configs):
         if not c.get("shard"):

@@ -40,7 +40,7 @@ from index import generations as gens
 from index.errors import CorruptIndexError
 from index.feedback import stored_files
 from index.metadata import DB_FILE, SCHEMA_VERSION, _connect
-from index.store import DELETED_DIR, STORE_FILE, STORE_VERSION, TRAINED_FILE, UPLOADS_DIR
+from index.store import DELETED_DIR, STORE_FILE, STORE_VERSION, TRAINED_FILE, UPLOADS_DIR, read_store_config
 from models.io import fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
@@ -76,16 +76,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _read_store_config(d: Path) -> dict:
-    cfg_path = d / STORE_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{d}: not a lookalike index (no {STORE_FILE})")
-    config = json.loads(cfg_path.read_text())
-    if config.get("format") != "lookalike-index" or config.get("version") != STORE_VERSION:
-        raise CorruptIndexError(f"{cfg_path}: not a version-{STORE_VERSION} lookalike index")
-    return config
-
-
 def _copy_database(src: Path, dst: Path) -> None:
     """SQLite online backup of ``src`` into a new file ``dst``: one read transaction, so one
     committed state; writers to ``src`` are never blocked (WAL)."""
@@ -109,7 +99,7 @@ def snapshot(index_dir: str | Path, out: str | Path) -> SnapshotReport:
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose another name")
-    config = _read_store_config(d)
+    config = read_store_config(d)
     with tempfile.TemporaryDirectory(prefix=".snapshot-", dir=out.parent) as tmp_s:
         tmp = Path(tmp_s)
         stage = tmp / "stage"

@@ -108,6 +108,27 @@ def _card_fingerprint(card) -> str:
     return fp
 
 
+def read_store_config(directory: str | Path, *, hint: str = "") -> dict:
+    """The ``store.json`` of the index in ``directory``, checked to be a lookalike index of this
+    format version (without opening the index or taking any lock).
+
+    Raises:
+        FileNotFoundError: no ``store.json`` (``hint`` is appended: how to get an index).
+        ValueError: the file cannot be read or parsed.
+        CorruptIndexError: another format or version.
+    """
+    path = Path(directory) / STORE_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory}: not a lookalike index (no {STORE_FILE}){hint}") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != "lookalike-index" or config.get("version") != STORE_VERSION:
+        raise CorruptIndexError(f"{path}: not a version-{STORE_VERSION} lookalike index")
+    return config
+
+
 def check_model(directory: str | Path, index_fingerprint: str, card) -> None:
     """The one check that a model may embed for an index: its card's fingerprint is the index's.
 

@@ -505,15 +505,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     if resume:  # the trunk's weights come from the checkpoint before any cache is computed
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     eval_names = [n for n in ("val", "test") if n in splits]
+    batch_p = choose_p(cfg.data.p, splits["train"].labels, distributed.world_size())
     if cfg.data.sampler == "confusable":
         from training.confusable import ConfusablePKSampler
 
-        sampler = ConfusablePKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels, distributed.world_size()), cfg.data.k,
+        sampler = ConfusablePKSampler(splits["train"].labels, batch_p, cfg.data.k,
                                       batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed,
                                       group=cfg.data.confusable_group,
                                       random_share=cfg.data.confusable_random_share)
     else:
-        sampler = PKSampler(splits["train"].labels, choose_p(cfg.data.p, splits["train"].labels, distributed.world_size()), cfg.data.k,
+        sampler = PKSampler(splits["train"].labels, batch_p, cfg.data.k,
                             batches_per_epoch=cfg.data.batches_per_epoch, seed=cfg.seed)
     if distributed.is_distributed():  # each rank takes its P/world classes of the global batch
         sampler = distributed.RankBatches(sampler)
