@@ -12,6 +12,7 @@ admission bound), and every collection shares the decode pool.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -153,6 +154,8 @@ class Collections:
             except BaseException as exc:  # cancelled while loading (a stop during start-up)
                 state.error = f"{type(exc).__name__}: {exc}"
                 raise
+        freeze_startup_objects()
+
 
     async def stop(self) -> None:
         """Stop taking queries, finish in-flight work, checkpoint writes, release the index locks."""
@@ -166,3 +169,20 @@ class Collections:
             await asyncio.to_thread(runtime.stop)
         for state in self.states.values():
             await state.close()
+        gc.unfreeze()  # what start-up froze is collectable again (an app stopped in a longer-lived process)
+
+
+def freeze_startup_objects() -> int:
+    """Move every object alive now (the loaded model, torch, FastAPI, the index's Python side:
+    about 400k objects) out of the cyclic garbage collector's reach (:func:`gc.freeze`); returns
+    how many. They live as long as the process, and a full collection walking them held the GIL
+    ~200 ms about every 10 s under load (measured: 2-core EPYC, 8x overload), stalling the event
+    loop and every request then in flight; after the freeze a full collection walks only what
+    the requests created. Reference counting still frees frozen objects that are released;
+    :meth:`Collections.stop` unfreezes, so an app stopped inside a longer-lived process (tests, an
+    embedding application) leaves nothing uncollectable behind."""
+    gc.collect()
+    gc.freeze()
+    n = gc.get_freeze_count()
+    log.info("froze %d start-up objects out of the cyclic garbage collector", n)
+    return n

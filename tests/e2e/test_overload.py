@@ -60,10 +60,8 @@ def test_overload_is_shed_fast_and_admitted_latency_stays_bounded(heavier_model,
         noise = 2.0 * p["stall_p99_ms"]
         assert p["refused_p50_ms"] is not None, (name, p)  # the excess is refused ...
         assert p["refused_p95_ms"] <= 50.0 + noise, (name, p)  # ... fast
-        # Near the boundary (3x), a few requests pass the header check together and are refused by
-        # the route once their bodies are in (measured p99 16-530 ms at 3x, 15-40 ms at 8x): the
-        # issue's p99 <= 50 ms holds at 8x; at 3x the tail is bounded by an answer at capacity.
-        assert p["refused_p99_ms"] <= (50.0 + noise if f >= 8 else cap_p99 + noise), (name, p, cap_p99)
+        # the tail too (it was ~200 ms full garbage collections of the start-up objects; frozen now)
+        assert p["refused_p99_ms"] <= 50.0 + noise, (name, p)
         assert p["ok_p99_ms"] <= 2.0 * cap_p99 + noise, (name, p, cap_p99)  # admitted ones stay near capacity
         assert load.ok_per_s >= 0.5 * cap.ok_per_s, (name, p, phases["capacity"])  # no collapse of goodput
     assert loads["8x"].statuses[503] > loads["8x"].statuses.get(200, 0), phases["8x"]
