@@ -5,7 +5,8 @@ keeps answering, and recovers once the flood stops.
 Capacity is measured in the same run (32 closed-loop clients that back off 0.1 s after a 503), so
 the checks are ratios to it. Each overload phase is measured after its first 2 s (the onset, when
 requests that passed the header check together are refused once their bodies are in). The
-machine may be shared: the two latency targets (503 p99 <= 50 ms at both factors, admitted p99 <= 2x the p99 at capacity) are widened by twice the p99 of the client's own
+machine may be shared: the two latency targets (503 p99 <= 50 ms at both factors, admitted p99
+<= 2x the p99 at capacity) are widened by twice the p99 of the client's own
 scheduling stalls measured during the same phase (how late a 5 ms sleep wakes up: about 0 on a
 quiet machine, so there the targets hold as stated; the server runs at the same nice level and
 sees the same stalls). ``bench/bench_overload.py`` runs the long version (5 minutes per factor).
