@@ -4,9 +4,13 @@ Baseline measured in the same run: ``torch.topk(q @ X.T, 10)`` on the same (N, D
 matrix (the physical reference for exact search in a torch process). Reported per size:
 
 * torch matmul+topk (torch's default threads);
-* lookalike exact: ``IndexIDMap2(IndexFlatIP)`` as the store holds it, BLAS threshold set to 20,
-  1 FAISS thread per call (the store's default) and 2 threads;
-* the same Flat at FAISS's default BLAS threshold (128000), to show what the setting buys;
+* lookalike exact: ``IndexIDMap2(IndexFlatIP)`` as the store holds it and searches it (up to
+  ``SEQUENTIAL_MAX_QUERIES`` queries by the sequential scan, more through BLAS:
+  :func:`index.ann.route_exact_search`), 1 FAISS thread per call (the store's default) and 2 threads;
+* the same Flat through BLAS for every batch (the store's routing before), and at FAISS's default
+  BLAS threshold (128000: sequential up to 127999 / D queries), to show what the routing buys;
+* ``--blas-paths``: the sequential scan and BLAS at 1, 2, 4, 8 and 16 queries, 1 thread (the
+  measurement behind the routing);
 * lookalike ANN: the factory ``auto`` picks above the exact bound (``IVF{~sqrt N},Flat``), built by
   :func:`index.ann.build` (trained without, and tuned on, 1,000 held-out collection vectors to the
   recall target), searched with 1 thread.
@@ -99,18 +103,27 @@ def run_size(n: int, args, rng: np.random.Generator) -> dict:
     flat = ann.empty_index("Flat", d)
     flat.add_with_ids(base, ids)
 
-    def flat_search(threads):
+    def flat_search(threads, threshold=None):
         def f(q):
             ann.set_search_threads(threads)
+            if threshold is None:
+                ann.route_exact_search(d)  # as IndexStore searches
+            else:
+                faiss.cvar.distance_compute_blas_threshold = threshold
             return flat.search(q, 10)
         return f
 
     res["flat_1t_ms"] = latency(flat_search(1), queries, args.reps1, args.reps32)
     few1, few32 = max(3, args.reps1 // 5), max(2, args.reps32 // 3)  # context rows, often slow
     res["flat_2t_ms"] = latency(flat_search(2), queries, few1, few32)
-    faiss.cvar.distance_compute_blas_threshold = 128000
-    res["flat_default_blas_2t_ms"] = latency(flat_search(2), queries, few1, few32)
-    faiss.cvar.distance_compute_blas_threshold = 20
+    res["flat_blas_always_1t_ms"] = latency(flat_search(1, 1), queries, args.reps1, args.reps32)
+    res["flat_default_blas_2t_ms"] = latency(flat_search(2, 128000), queries, few1, few32)
+    if args.blas_paths:
+        res["paths_1t_ms"] = {
+            nq: {"sequential": timed(lambda: flat_search(1, 2**31 - 1)(queries[:nq]), args.reps32),
+                 "blas": timed(lambda: flat_search(1, 1)(queries[:nq]), args.reps32)}
+            for nq in (1, 2, 4, 8, 16)}
+    ann.route_exact_search(d)
     ann.set_search_threads(1)
     _, found = flat.search(queries, 10)
     res["flat_recall_at_10"] = recall(found, truth)
@@ -144,6 +157,7 @@ def table(results: list[dict]) -> str:
             (f"torch matmul+topk ({r['torch_threads']} threads) [baseline]", r["torch_ms"], 1.0),
             ("lookalike exact Flat, 1 thread (default)", r["flat_1t_ms"], r["flat_recall_at_10"]),
             ("lookalike exact Flat, 2 threads", r["flat_2t_ms"], r["flat_recall_at_10"]),
+            ("Flat, BLAS from 1 query (before), 1 thr", r["flat_blas_always_1t_ms"], r["flat_recall_at_10"]),
             ("Flat, faiss default BLAS threshold, 2 thr", r["flat_default_blas_2t_ms"], r["flat_recall_at_10"]),
             (f"ANN {r['ann']['factory']} nprobe={r['ann']['params'].get('nprobe')}, 1 thr",
              r["ann_1t_ms"], r["ann_recall_at_10"]),
@@ -153,6 +167,9 @@ def table(results: list[dict]) -> str:
         lines.append(f"{'':>9}  exact/torch (1 thr): {r['exact_vs_torch']}  best exact/torch: "
                      f"{r['best_exact_vs_torch']}  ANN speed-up vs exact: {r['ann_speedup_vs_flat']}  "
                      f"auto picks: {r['auto_choice']}")
+        if "paths_1t_ms" in r:
+            lines.append(f"{'':>9}  sequential / BLAS ms by queries (1 thr): " + "  ".join(
+                f"{nq}: {p['sequential']:.2f} / {p['blas']:.2f}" for nq, p in r["paths_1t_ms"].items()))
     return "\n".join(lines)
 
 
@@ -166,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps1", type=int, default=30, help="single-query repetitions (median)")
     p.add_argument("--reps32", type=int, default=7, help="32-query batch repetitions (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blas-paths", action="store_true",
+                   help="also time FAISS's sequential scan and BLAS path at 1-16 queries")
     p.add_argument("--json", help="also write the JSON here")
     args = p.parse_args(argv)
     rng = np.random.default_rng(args.seed)

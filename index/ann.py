@@ -50,13 +50,32 @@ PLATEAU_GAIN = 0.002
 _NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
                 1536, 2048, 3072, 4096, 8192, 16384, 32768, 65536)
 
-# In faiss-cpu 1.15.1 this defaults to 128000: fewer queries than that take the sequential
-# scan, much slower for small query batches (docs/design.md, "Index").
+#: Exact (Flat) searches of at most this many queries take FAISS's sequential scan, larger
+#: batches its BLAS path (see :func:`route_exact_search`).
+SEQUENTIAL_MAX_QUERIES = 2
+
+# FAISS scans sequentially while (queries x D) < this threshold, else it calls BLAS; its
+# default, 128000, sends up to 99 queries at D=1280 (999 at D=128) to the sequential scan,
+# ~7x slower than BLAS for 32 queries here (docs/design.md, "Index"). Searches through
+# IndexStore set it per call (route_exact_search); other callers get BLAS from 1 query.
 faiss.cvar.distance_compute_blas_threshold = 20
 
 
 def faiss_version() -> str:
     return faiss.__version__
+
+
+def route_exact_search(dim: int) -> None:
+    """Route the next exact searches of ``dim``-dimensional vectors: at most
+    :data:`SEQUENTIAL_MAX_QUERIES` queries take FAISS's sequential scan, more take BLAS.
+
+    Measured (``bench/bench_search.py --blas-paths``, 1 FAISS thread): one query over
+    20k x 1280 took 4.3 ms sequentially against 9.3 ms through BLAS (100k x 128: 2.0 vs 3.5 ms);
+    the two are even at 2 queries and BLAS wins from 4 (8 queries: 10.4 vs 28 ms). The
+    threshold is one process-wide FAISS setting, so two threads searching indexes of different
+    dimensions at once can send a search down the slower path (speed only, never results).
+    """
+    faiss.cvar.distance_compute_blas_threshold = SEQUENTIAL_MAX_QUERIES * int(dim) + 1
 
 
 def set_search_threads(n: int) -> None:

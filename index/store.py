@@ -611,6 +611,7 @@ class IndexStore:
             if n == 0 or len(q) == 0:
                 return [[] for _ in range(len(q))]
             ann.set_search_threads(self.search_threads)
+            ann.route_exact_search(self.dim)
             if filt is None:
                 scores, ids = self._index.search(q, min(want, n))
             else:

@@ -33,6 +33,32 @@ def test_flat_search_equals_numpy_bruteforce(tmp_path, rng):
     store.close()
 
 
+def test_lone_and_batched_queries_rank_alike_on_either_faiss_path(tmp_path, rng):
+    """1-2 queries take FAISS's sequential scan, larger batches BLAS (route_exact_search): each
+    query's hits are the brute-force ones whichever path its batch size sends it down."""
+    store = IndexStore.create(tmp_path / "ix", card=make_card(), images_root=tmp_path)
+    v = unit(rng, 300)
+    ids = np.asarray(store.add(v, records(300)))
+    q = unit(rng, 5)
+    _, oracle = numpy_topk(q, v, ids, 10)
+    one_at_a_time = [[h.id for h in store.search(q[i:i + 1], 10)[0]] for i in range(5)]
+    pairs = [[h.id for h in row] for row in store.search(q[:2], 10)]
+    batched = [[h.id for h in row] for row in store.search(q, 10)]
+    assert one_at_a_time == batched == oracle.tolist()
+    assert pairs == oracle[:2].tolist()
+    store.close()
+
+
+def test_exact_search_routing_sends_only_small_batches_to_the_sequential_scan():
+    import faiss
+
+    for dim in (DIM, 128, 1280):
+        ann.route_exact_search(dim)
+        threshold = faiss.cvar.distance_compute_blas_threshold  # FAISS: sequential while nq * D < it
+        sequential = [nq for nq in range(1, 40) if nq * dim < threshold]
+        assert sequential == list(range(1, ann.SEQUENTIAL_MAX_QUERIES + 1)), dim
+
+
 def test_factory_validation():
     assert ann.normalize_factory(" auto ") == "auto"
     assert ann.normalize_factory("Flat") == "Flat"
