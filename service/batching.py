@@ -23,7 +23,7 @@ Why this shape (each a measured fact on these 2-core machines):
   decision is O(1) on the event loop (:meth:`MicroBatcher.refusal` reads two numbers), so the
   service answers 503 from a request's headers, before reading its body (:mod:`service.protocol`).
 * Thread counts follow the load (:class:`ThreadPolicy`): a lone query (nothing queued, nothing
-  being decoded, a core free by the load average) runs its forward pass on ``idle_threads``
+  being decoded, a core free of other processes' work: :class:`OtherCpu`) runs its forward pass on ``idle_threads``
   threads, so an idle service uses every core; a batch, or a query with others behind it, runs
   on one thread and leaves the other cores to decoding and the overlapped search. Two threads on
   a core another process also wants collapse (OpenMP workers wait for a descheduled peer:
@@ -61,7 +61,7 @@ class ThreadPolicy:
     """Intra-op (and FAISS) threads of the next batch: ``idle`` for a lone query, ``busy`` otherwise.
 
     A lone query is a batch of one with nothing queued or being decoded behind it, on a machine
-    whose load average leaves a core free (``machine_busy``, injectable). Between
+    where other processes leave a core free (``machine_busy``, injectable; :class:`OtherCpu`). Between
     ``busy`` and ``idle`` threads for lone queries it takes the one whose recent latency
     (exponential moving average of the forward pass + search, seconds) is lower, and tries the
     other every ``probe_every`` lone queries, so a machine whose cores are taken by other work
@@ -75,7 +75,7 @@ class ThreadPolicy:
             raise ValueError(f"need idle >= 1, busy >= 1, probe_every >= 2, 0 < alpha <= 1; got "
                              f"{idle}, {busy}, {probe_every}, {alpha}")
         self.idle, self.busy, self.probe_every, self.alpha = idle, busy, probe_every, alpha
-        self.machine_busy = machine_busy if machine_busy is not None else _cores_taken
+        self.machine_busy = machine_busy if machine_busy is not None else OtherCpu().busy
         self.ema: dict[int, float] = {}
         self._lone = 0
 
@@ -98,23 +98,69 @@ class ThreadPolicy:
         self.ema[threads] = seconds if prev is None else prev + self.alpha * (seconds - prev)
 
 
-_LOAD_CACHE: list[float] = [0.0, 0.0]  # [checked at (monotonic s), busy (0/1)]
+class OtherCpu:
+    """Whether other processes hold this machine's cores: the CPU time they used since the last
+    reading (at most one reading a second), in cores: the machine's busy time (``/proc/stat``)
+    minus this process's own (:func:`time.process_time`, all its threads), over the wall time
+    between readings. The 1-minute load average, used before, counts this process's own
+    threads too: the client and service of a benchmark at concurrency 1 held it at 1.3-1.6 on
+    2 cores, over the old threshold of 1.5, so lone queries never got the second core. Where
+    ``/proc/stat`` cannot be read it falls back to the load average.
+
+    ``busy()`` is True when other processes used at least ``cores - 1.5`` cores (2 cores: half a
+    core) in the last window: then a second intra-op thread would share a core with them, the
+    collapse of the module docstring. The readers are injectable for tests.
+    """
+
+    def __init__(self, cores: int | None = None, *, machine_busy_s: Callable[[], float | None] | None = None,
+                 own_s: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.monotonic,
+                 period_s: float = 1.0) -> None:
+        import os
+
+        self.cores = cores if cores is not None else (os.cpu_count() or 1)
+        self.machine_busy_s = machine_busy_s if machine_busy_s is not None else _machine_busy_seconds
+        self.own_s, self.clock, self.period_s = own_s, clock, period_s
+        self._last: tuple[float, float, float] | None = None  # (wall, machine busy s, own s)
+        self._busy = False
+        self.others = 0.0  #: cores used by other processes in the last window
+
+    def busy(self) -> bool:
+        now = self.clock()
+        if self._last is not None and now - self._last[0] < self.period_s:
+            return self._busy
+        machine = self.machine_busy_s()
+        if machine is None:  # no /proc/stat: the load average, which includes this process
+            import os
+
+            try:
+                self._busy = os.getloadavg()[0] >= max(1, self.cores - 1) + 0.5
+            except OSError:
+                self._busy = False
+            self._last = (now, 0.0, 0.0)
+            return self._busy
+        own = self.own_s()
+        if self._last is not None and now > self._last[0]:
+            self.others = max(0.0, (machine - self._last[1]) - (own - self._last[2])) / (now - self._last[0])
+            self._busy = self.others >= self.cores - 1.5
+        self._last = (now, machine, own)
+        return self._busy
 
 
-def _cores_taken() -> bool:
-    """True while other work holds the cores: the 1-minute load average is at least the core
-    count minus one (this process's own running query counts for about one). Read at most once
-    a second. Under such load extra threads were measured slower than one (module docstring)."""
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds every core of this machine spent busy since boot (``/proc/stat``), or None."""
     import os
 
-    now = time.monotonic()
-    if now - _LOAD_CACHE[0] >= 1.0:
-        try:
-            busy = os.getloadavg()[0] >= max(1, (os.cpu_count() or 1) - 1) + 0.5
-        except OSError:  # no load average on this platform: rely on the measured latencies
-            busy = False
-        _LOAD_CACHE[:] = [now, float(busy)]
-    return bool(_LOAD_CACHE[1])
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    busy = sum(ticks[:8]) - idle  # user nice system idle iowait irq softirq steal (guest is in user)
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 class Overloaded(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -402,7 +403,7 @@ def test_batcher_runs_a_lone_query_on_idle_threads_and_a_batch_on_one(model_dir,
     real = sb.set_search_threads
     monkeypatch.setattr(sb, "set_search_threads",
                         lambda n: (faiss_calls.append((threading.current_thread().name, n)), real(n)))
-    monkeypatch.setattr(sb, "_cores_taken", lambda: False)  # this test's machine may be busy
+    monkeypatch.setattr(sb.OtherCpu, "busy", lambda self: False)  # this test's machine may be busy
     holder = {}
 
     def factory():
@@ -430,3 +431,46 @@ def test_batcher_runs_a_lone_query_on_idle_threads_and_a_batch_on_one(model_dir,
             np.testing.assert_allclose(v, ref, atol=1e-4)
     finally:
         mb.stop()
+
+
+def test_other_cpu_counts_only_other_processes_work():
+    """Busy means other processes used the cores; this process's own threads do not count."""
+    from service.batching import OtherCpu
+
+    clock, machine, own = [0.0], [100.0], [5.0]
+    oc = OtherCpu(cores=2, machine_busy_s=lambda: machine[0], own_s=lambda: own[0], clock=lambda: clock[0])
+    assert oc.busy() is False  # first reading: nothing to compare with yet
+    clock[0], machine[0], own[0] = 1.0, 101.75, 6.625  # 1.75 cores busy, 1.625 of them ours
+    assert oc.busy() is False and oc.others == pytest.approx(0.125)
+    clock[0], machine[0], own[0] = 1.5, 103.0, 6.75  # within the period: the last answer, no new reading
+    assert oc.busy() is False
+    clock[0], machine[0], own[0] = 2.0, 103.0, 6.875  # 1.25 cores in the last second, 0.25 ours: 1.0 others
+    assert oc.busy() is True and oc.others == pytest.approx(1.0)
+    clock[0], machine[0], own[0] = 3.0, 103.75, 7.125  # others 0.5 core: exactly the threshold of 2 - 1.5
+    assert oc.busy() is True
+    clock[0], machine[0], own[0] = 4.0, 104.125, 7.125  # others 0.375 core: a core is free
+    assert oc.busy() is False
+
+
+def test_other_cpu_falls_back_to_the_load_average_without_proc_stat(monkeypatch):
+    import os
+
+    from service.batching import OtherCpu
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert OtherCpu(cores=2, machine_busy_s=lambda: None).busy() is True
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert OtherCpu(cores=2, machine_busy_s=lambda: None).busy() is False
+
+
+def test_machine_busy_seconds_reads_proc_stat():
+    from service.batching import _machine_busy_seconds
+
+    a = _machine_busy_seconds()
+    if a is None:
+        pytest.skip("no /proc/stat on this platform")
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.2:  # burn 0.2 s of CPU
+        pass
+    b = _machine_busy_seconds()
+    assert b - a >= 0.15  # the machine's busy time includes this process's own work
