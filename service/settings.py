@@ -96,6 +96,10 @@ class Settings(BaseSettings):
         "already admitted are expected to keep it waiting longer than this: pending queries x the measured "
         "seconds per query under load (0 = limit by max_pending only)")
     inference_threads: int = Field(1, ge=1, description="torch / ONNX Runtime intra-op threads")
+    inference_workers: int = Field(
+        0, ge=0, description="inference threads taking batches from one queue, each with its own handle on the "
+        "model (ONNX Runtime / OpenVINO; torch always runs one); 0 = two on machines with two or more cores "
+        "(one thread left 0.5 of 2 cores idle at concurrency 8)")
     search_threads: int = Field(1, ge=1, description="FAISS OpenMP threads in the search thread")
     idle_threads: int = Field(
         0, ge=0, description="threads of a lone query's forward pass and search when nothing else waits "
@@ -184,6 +188,13 @@ class Settings(BaseSettings):
         import os
 
         return self.idle_threads or os.cpu_count() or 1
+
+    @property
+    def inference_worker_count(self) -> int:
+        """``inference_workers`` resolved: 0 means two where the machine has two cores or more."""
+        import os
+
+        return self.inference_workers or min(2, os.cpu_count() or 1)
 
     @property
     def max_body_bytes(self) -> int:

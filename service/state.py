@@ -107,8 +107,9 @@ class ModelRuntime:
     def __init__(self, backend_factory: BackendFactory, settings: Settings, metrics: ServiceMetrics) -> None:
         self.batcher = MicroBatcher(backend_factory, max_batch=settings.max_batch, wait_ms=settings.batch_wait_ms,
                                     max_pending=settings.max_pending, max_queue_wait_ms=settings.max_queue_wait_ms,
-                                    search_threads=settings.search_threads, idle_threads=settings.idle_thread_count, busy_threads=settings.inference_threads,
-                                    metrics=metrics)
+                                    search_threads=settings.search_threads, idle_threads=settings.idle_thread_count,
+                                    busy_threads=settings.inference_threads,
+                                    workers=settings.inference_worker_count, metrics=metrics)
         self._loading: asyncio.Future | None = None
 
     async def load(self) -> Any:

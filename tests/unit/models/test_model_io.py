@@ -190,3 +190,30 @@ def test_atomic_write_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
         model_io.atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_runtime_forks_embed_alike_and_keep_their_own_thread_counts(saved):
+    """A fork (a second inference thread's handle) gives the same embeddings and sets its thread
+    count without touching the original's; torch does not fork (one inference thread)."""
+    from models.backends import OpenVinoBackend
+    from models.export import export_onnx
+
+    d, _, _ = saved
+    export_onnx(d)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    classes = [OnnxBackend]
+    try:
+        import openvino  # noqa: F401
+
+        classes.append(OpenVinoBackend)
+    except ImportError:
+        pass
+    for cls in classes:
+        b = cls(d, threads=1)
+        twin = b.fork()
+        assert twin is not b and twin.card == b.card
+        np.testing.assert_allclose(twin.embed_array(x), b.embed_array(x), atol=1e-6)
+        twin.set_threads(2)
+        assert (b.threads, twin.threads) == (1, 2)
+        np.testing.assert_allclose(twin.embed_array(x), b.embed_array(x), atol=1e-5)
+    assert TorchBackend(d, bf16=False).fork() is None

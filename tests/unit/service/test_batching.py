@@ -474,3 +474,82 @@ def test_machine_busy_seconds_reads_proc_stat():
         pass
     b = _machine_busy_seconds()
     assert b - a >= 0.15  # the machine's busy time includes this process's own work
+
+
+class Forkable(Recording):
+    """A Recording backend whose ``fork`` gives twins sharing one log, each call waiting at a
+    barrier of ``meet`` calls (so a test can prove two forward passes run at the same time)."""
+
+    def __init__(self, inner, log: list | None = None, barrier: threading.Barrier | None = None,
+                 forks_left: int = 8, fork_error: Exception | None = None) -> None:
+        super().__init__(inner)
+        self.log = log if log is not None else []
+        self.barrier, self.forks_left, self.fork_error = barrier, forks_left, fork_error
+
+    def embed_array(self, batch):
+        self.log.append((threading.current_thread().name, len(batch)))
+        if self.barrier is not None and len(batch) and batch[0].mean() != 0.0:  # not the warm-up zeros
+            self.barrier.wait(30)
+        return super().embed_array(batch)
+
+    def fork(self):
+        if self.fork_error is not None:
+            raise self.fork_error
+        if self.forks_left <= 0:
+            return None
+        self.forks_left -= 1
+        return Forkable(self.inner, self.log, self.barrier, 0)
+
+
+def _start_forkable(model_dir, store, **kw):
+    from models.backends import TorchBackend
+
+    backend_kw = {k: kw.pop(k) for k in ("barrier", "forks_left", "fork_error") if k in kw}
+    holder = {}
+
+    def factory():
+        import torch
+
+        torch.set_num_threads(1)
+        holder["b"] = Forkable(TorchBackend(model_dir, bf16=False), **backend_kw)
+        return holder["b"]
+
+    mb = MicroBatcher(factory, **kw)
+    mb.start().result(60)
+    mb.attach_index(store)
+    return mb, holder
+
+
+def test_two_inference_workers_run_two_forward_passes_at_once(model_dir, store, inputs):
+    """With workers=2 a second thread takes batches from the same queue: two queries meet at a
+    barrier inside their forward passes, which one thread alone could never pass."""
+    arrays, _ = inputs
+    mb, holder = _start_forkable(model_dir, store, workers=2, max_batch=1, barrier=threading.Barrier(2))
+    try:
+        assert mb.running_workers == 2
+        results = asyncio.run(_search_all(mb, arrays[:2], [5, 5]))
+        for (vector, hits), a in zip(results, arrays[:2]):
+            expected = holder["b"].inner.embed_array(a[None])[0]
+            np.testing.assert_allclose(vector, expected, atol=1e-5)
+            assert hits and hits == store.search(expected[None], 5)[0]
+        threads = {name for name, size in holder["b"].log if size == 1}
+        assert threads >= {"lookalike-infer", "lookalike-infer-2"}
+    finally:
+        mb.stop()
+    assert not any(t.is_alive() for t in [mb._infer_thread, *mb._more_infer_threads])
+
+
+def test_a_backend_that_cannot_fork_runs_one_worker(model_dir, store, inputs, caplog):
+    arrays, _ = inputs
+    for kw, why in (({"forks_left": 0}, "runs in one inference thread"),
+                    ({"fork_error": RuntimeError("no more memory")}, "could not be started")):
+        with caplog.at_level("INFO", logger="service.batching"):
+            mb, holder = _start_forkable(model_dir, store, workers=2, **kw)
+        try:
+            assert mb.running_workers == 1
+            assert why in caplog.text
+            (vector, hits), = asyncio.run(_search_all(mb, arrays[:1], [3]))
+            assert len(hits) == 3
+        finally:
+            mb.stop()
+        caplog.clear()
