@@ -71,7 +71,7 @@ class ThreadPolicy:
     (exponential moving average of the forward pass + search, seconds) is lower, and tries the
     other every ``probe_every`` lone queries, so a machine whose cores are taken by other work
     falls back to one thread (the collapse of the module docstring) and returns when they are free.
-    Not thread-safe: used by the inference thread only.
+    Thread-safe: every inference thread shares one policy.
     """
 
     def __init__(self, idle: int, busy: int = 1, probe_every: int = 16, alpha: float = 0.25,
@@ -83,24 +83,27 @@ class ThreadPolicy:
         self.machine_busy = machine_busy if machine_busy is not None else OtherCpu().busy
         self.ema: dict[int, float] = {}
         self._lone = 0
+        self._lock = threading.Lock()
 
     def choose(self, batch_size: int, others_waiting: bool) -> tuple[int, bool]:
         """(threads, lone) for a batch of ``batch_size`` queries."""
         if batch_size > 1 or others_waiting or self.idle == self.busy or self.machine_busy():
             return self.busy, False
-        self._lone += 1
-        for n in (self.idle, self.busy):
-            if n not in self.ema:
-                return n, True  # measure each once first
-        best = min((self.idle, self.busy), key=lambda n: self.ema[n])
-        if self._lone % self.probe_every == 0:
-            return (self.busy if best == self.idle else self.idle), True
-        return best, True
+        with self._lock:
+            self._lone += 1
+            for n in (self.idle, self.busy):
+                if n not in self.ema:
+                    return n, True  # measure each once first
+            best = min((self.idle, self.busy), key=lambda n: self.ema[n])
+            if self._lone % self.probe_every == 0:
+                return (self.busy if best == self.idle else self.idle), True
+            return best, True
 
     def observe(self, threads: int, seconds: float) -> None:
         """Record a lone query's forward + search time with ``threads`` threads."""
-        prev = self.ema.get(threads)
-        self.ema[threads] = seconds if prev is None else prev + self.alpha * (seconds - prev)
+        with self._lock:
+            prev = self.ema.get(threads)
+            self.ema[threads] = seconds if prev is None else prev + self.alpha * (seconds - prev)
 
 
 class OtherCpu:
@@ -505,7 +508,8 @@ class MicroBatcher:
 
     def _fork(self, backend, warm: np.ndarray) -> list[tuple[Any, "ThreadPolicy | None"]]:
         """``workers - 1`` more handles on ``backend`` (:meth:`InferenceBackend.fork`), warmed at
-        every thread count they will run, each with its own :class:`ThreadPolicy`; fewer when the
+        every thread count they will run, sharing the one :class:`ThreadPolicy` (measured per
+        worker, one worker's stale 2-thread timing kept its lone queries on 1 thread); fewer when the
         backend cannot fork or a fork fails (logged: the service runs on the threads it has)."""
         twins = []
         for _ in range(1, self.workers):
@@ -515,9 +519,8 @@ class MicroBatcher:
                     log.info("backend %s runs in one inference thread (inference_workers=%d asked)",
                              getattr(backend, "name", "?"), self.workers)
                     break
-                policy = None
-                if self.policy is not None and hasattr(twin, "set_threads"):
-                    policy = ThreadPolicy(idle=self.idle_threads, busy=self.busy_threads)
+                policy = self.policy  # one policy for every thread: its timings are the machine's
+                if policy is not None and hasattr(twin, "set_threads"):
                     twin.set_threads(policy.idle)
                     twin.embed_array(warm)
                     twin.set_threads(policy.busy)
