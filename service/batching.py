@@ -116,7 +116,9 @@ class OtherCpu:
     ``/proc/stat`` cannot be read it falls back to the load average.
 
     ``busy()`` is True when other processes used at least ``cores - 1.5`` cores (2 cores: half a
-    core) in the last window: then a second intra-op thread would share a core with them, the
+    core) in the last window (a window over ``3 x period_s`` old, after an idle spell, counts as
+    not busy and starts a fresh one: the bench's other servers at concurrency 8 seconds earlier
+    kept lone queries on one thread): then a second intra-op thread would share a core with them, the
     collapse of the module docstring. The readers are injectable for tests.
     """
 
@@ -147,7 +149,11 @@ class OtherCpu:
             self._last = (now, 0.0, 0.0)
             return self._busy
         own = self.own_s()
-        if self._last is not None and now > self._last[0]:
+        if self._last is not None and now - self._last[0] > 3 * self.period_s:
+            # the last reading is old (the service was idle): a window that long describes the
+            # past, not now; start a fresh one and trust the latency measurement meanwhile
+            self._busy = False
+        elif self._last is not None and now > self._last[0]:
             self.others = max(0.0, (machine - self._last[1]) - (own - self._last[2])) / (now - self._last[0])
             self._busy = self.others >= self.cores - 1.5
         self._last = (now, machine, own)

@@ -450,6 +450,12 @@ def test_other_cpu_counts_only_other_processes_work():
     assert oc.busy() is True
     clock[0], machine[0], own[0] = 4.0, 104.125, 7.125  # others 0.375 core: a core is free
     assert oc.busy() is False
+    clock[0], machine[0], own[0] = 5.0, 105.5, 7.125  # others 1.375 cores: busy again
+    assert oc.busy() is True
+    clock[0], machine[0], own[0] = 60.0, 160.0, 7.125  # idle a minute while others worked: stale
+    assert oc.busy() is False
+    clock[0], machine[0], own[0] = 61.0, 160.25, 7.125  # a fresh window: 0.25 core
+    assert oc.busy() is False and oc.others == pytest.approx(0.25)
 
 
 def test_other_cpu_falls_back_to_the_load_average_without_proc_stat(monkeypatch):
