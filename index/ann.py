@@ -78,6 +78,61 @@ def route_exact_search(dim: int) -> None:
     faiss.cvar.distance_compute_blas_threshold = SEQUENTIAL_MAX_QUERIES * int(dim) + 1
 
 
+_BLAS: list = []  # the threadpoolctl controller, built on first use (it inspects loaded libraries)
+
+
+def flat_rows(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
+    """Zero-copy views of an ``IndexIDMap2(IndexFlatIP)``'s stored rows and ids:
+    ((N, D) float32, (N,) int64), or None for any other index. Valid until the index is written
+    (read them under the store's read lock)."""
+    flat = faiss.downcast_index(getattr(index, "index", None)) if isinstance(index, faiss.IndexIDMap2) else None
+    if not isinstance(flat, faiss.IndexFlatIP) or index.ntotal == 0:
+        return None
+    n, d = int(index.ntotal), int(index.d)
+    rows = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+    ids = faiss.rev_swig_ptr(index.id_map.data(), n)
+    return rows, ids
+
+
+def lone_exact_search(rows: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int,
+                      threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of one query over a Flat index's ``rows`` on ``threads`` cores: one BLAS
+    matrix-vector product (numpy's BLAS, limited to ``threads`` with threadpoolctl), then the
+    top ``k`` by score. (1, D) query -> ((1, k) float32 scores, (1, k) int64 ids), best first.
+
+    FAISS scans one query on one thread whatever its thread count (1.15.1: 4.3-5.0 ms over
+    20k x 1280 here, with 2 threads too); the product on 2 threads took 1.8 ms. The service uses
+    it for a lone query when a core is free (:class:`service.batching.ThreadPolicy`). numpy's
+    OpenBLAS workers spin ~0.1 s of CPU after each call unless ``OPENBLAS_THREAD_TIMEOUT`` is
+    low, which ``python -m service`` sets before numpy loads.
+    """
+    k = min(int(k), len(rows))
+    controller, which = _numpy_blas()
+    with controller.limit(limits={which: max(1, int(threads))}):
+        scores = rows @ q[0]
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return scores[top][None, :].astype(np.float32), ids[top][None, :].astype(np.int64)
+
+
+def _numpy_blas() -> tuple:
+    """(threadpoolctl controller, the key that limits numpy's own BLAS): the library under
+    numpy's wheel directory (faiss-cpu ships a second OpenBLAS, left alone), else every BLAS."""
+    if not _BLAS:
+        from threadpoolctl import ThreadpoolController
+
+        controller = ThreadpoolController()
+        mine = [c.prefix for c in controller.lib_controllers
+                if c.user_api == "blas" and "numpy" in os.path.basename(os.path.dirname(c.filepath))]
+        _BLAS.append((controller, mine[0] if mine else "blas"))
+    return _BLAS[0]
+
+
+def warm_lone_search() -> None:
+    """Load what :func:`lone_exact_search` needs (~3 ms once), so no user's query pays it."""
+    _numpy_blas()
+
+
 def set_search_threads(n: int) -> None:
     """Set FAISS's OpenMP threads *for the calling thread* (an OpenMP per-thread setting)."""
     faiss.omp_set_num_threads(max(1, int(n)))

@@ -547,7 +547,8 @@ class IndexStore:
         return np.ascontiguousarray(q / norms, dtype=np.float32)
 
     def search(self, queries: np.ndarray, k: int, *, offset: int = 0, label: str | None = None,
-               exclude_label: str | None = None, exclude_ids: Sequence[int] = ()) -> list[list[SearchHit]]:
+               exclude_label: str | None = None, exclude_ids: Sequence[int] = (),
+               threads: int = 1) -> list[list[SearchHit]]:
         """Top-``k`` neighbours of each query by cosine similarity, optionally filtered and paged.
 
         Args:
@@ -557,6 +558,10 @@ class IndexStore:
             label: only images with exactly this label.
             exclude_label: no image with exactly this label (unlabelled images stay).
             exclude_ids: never return these ids.
+            threads: cores for this call. An unfiltered single query over an exact index on 2+
+                threads is one BLAS product on that many cores (:func:`index.ann.lone_exact_search`,
+                ~2.5x faster than FAISS's one-thread scan over 20k x 1280); otherwise the store's
+                FAISS thread count applies.
 
         Filters run inside FAISS as an ``IDSelector``, so a filtered search returns exactly
         ``min(k, matches - offset)`` hits: with an IVF index ``nprobe`` is raised (up to every
@@ -568,7 +573,7 @@ class IndexStore:
         """
         q = self._check_queries(queries)
         k, offset = _check_window(k, offset)
-        return self._search(q, k, offset, self._filter(label, exclude_label, exclude_ids))
+        return self._search(q, k, offset, self._filter(label, exclude_label, exclude_ids), threads=threads)
 
     def search_by_id(self, id: int, k: int, *, offset: int = 0, label: str | None = None,
                      exclude_label: str | None = None) -> list[SearchHit]:
@@ -601,7 +606,7 @@ class IndexStore:
         return _Filter(faiss.IDSelectorNot(inner), keep=(inner,))
 
     def _search(self, q: np.ndarray, k: int, offset: int, filt: "_Filter | None",
-                drop: int | None = None) -> list[list[SearchHit]]:
+                drop: int | None = None, threads: int = 1) -> list[list[SearchHit]]:
         """Ranks ``offset .. offset+k-1`` of each (Q, D) unit query, ``drop`` left out."""
         want = offset + k + (drop is not None)
         if filt is not None and filt.empty:
@@ -612,7 +617,10 @@ class IndexStore:
                 return [[] for _ in range(len(q))]
             ann.set_search_threads(self.search_threads)
             ann.route_exact_search(self.dim)
-            if filt is None:
+            flat = ann.flat_rows(self._index) if threads > 1 and len(q) == 1 and filt is None else None
+            if flat is not None:
+                scores, ids = ann.lone_exact_search(*flat, q, min(want, n), threads)
+            elif filt is None:
                 scores, ids = self._index.search(q, min(want, n))
             else:
                 scores, ids = self._filtered_search(q, min(want, n), filt)

@@ -9,7 +9,15 @@ subcommand, and importing FastAPI here cost one-shot commands (``lookalike index
 ~2 s of start-up (python -X importtime).
 """
 
-from models.lazy import lazy_getattr
+import os
+
+# numpy's OpenBLAS workers spin ~0.1 s of CPU after each multi-threaded call by default (measured:
+# 105 ms of CPU in the 200 ms after one 2-thread product), taking a core from the requests behind
+# a lone query's two-core search (index.ann.lone_exact_search). Set before models imports numpy;
+# `python -m service` and `lookalike serve` import this package first.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from models.lazy import lazy_getattr  # noqa: E402
 
 _LAZY = {"create_app": "service.app", "Settings": "service.settings", "CollectionConfig": "service.settings"}
 __getattr__ = lazy_getattr(__name__, _LAZY)

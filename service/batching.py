@@ -83,6 +83,7 @@ class ThreadPolicy:
         self.machine_busy = machine_busy if machine_busy is not None else OtherCpu().busy
         self.ema: dict[int, float] = {}
         self._lone = 0
+        self._warmed: set[int] = set()
         self._lock = threading.Lock()
 
     def choose(self, batch_size: int, others_waiting: bool) -> tuple[int, bool]:
@@ -100,8 +101,13 @@ class ThreadPolicy:
             return best, True
 
     def observe(self, threads: int, seconds: float) -> None:
-        """Record a lone query's forward + search time with ``threads`` threads."""
+        """Record a lone query's forward + search time with ``threads`` threads. The first at each
+        count is a warm-up and not recorded (a runtime's session or thread pool for that count,
+        BLAS libraries loaded: one such 100 ms outlier kept an estimate high for a hundred queries)."""
         with self._lock:
+            if threads not in self._warmed:
+                self._warmed.add(threads)
+                return
             prev = self.ema.get(threads)
             self.ema[threads] = seconds if prev is None else prev + self.alpha * (seconds - prev)
 
@@ -312,6 +318,7 @@ class MicroBatcher:
         self._loaded_since: float | None = None  # end of the last batch, if queries were on their way then
         self._infer_thread: threading.Thread | None = None
         self._more_infer_threads: list[threading.Thread] = []
+        self._helpers_wanted = threading.Event()  # helper inference threads take jobs while set
         self._search_thread: threading.Thread | None = None
         self._backend_ready: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -329,6 +336,10 @@ class MicroBatcher:
         if self.backend is None:
             raise RuntimeError("attach_index before the backend is ready")
         self.store = store
+        if self.policy is not None:
+            from index.ann import warm_lone_search
+
+            warm_lone_search()
         self._search_thread = threading.Thread(target=self._search_main, name="lookalike-search", daemon=True)
         self._search_thread.start()
         self._accepting = True
@@ -339,6 +350,7 @@ class MicroBatcher:
         if self._infer_thread is not None:
             for _ in range(1 + len(self._more_infer_threads)):
                 self._queue.put(_STOP)
+            self._helpers_wanted.set()
             self._infer_thread.join(timeout)
             for t in self._more_infer_threads:
                 t.join(timeout)
@@ -414,7 +426,7 @@ class MicroBatcher:
         if not callable(item):
             job.array = item
             ticket._enqueued()  # before put: the inference thread must not wait for this very job
-            self._queue.put(job)
+            self._put(job)
             return await job.future
 
         def prepare_and_queue() -> None:
@@ -430,14 +442,14 @@ class MicroBatcher:
             if not self._accepting:
                 loop.call_soon_threadsafe(_resolve, job.future, None, NotRunning("service is stopping"))
                 return
-            self._queue.put(job)
+            self._put(job)
 
         if executor is None or (inline and self._idle()):
             # Nothing else for the model to do: the inference thread prepares the input itself,
             # one thread hand-off fewer than going through the decode pool.
             job.prepare = item
             ticket._enqueued()
-            self._queue.put(job)
+            self._put(job)
         else:
             executor.submit(prepare_and_queue)
         return await job.future
@@ -503,8 +515,8 @@ class MicroBatcher:
         twins = self._fork(backend, warm)
         self.running_workers = 1 + len(twins)
         self._backend_ready.set_result(backend)
-        for i, (twin, policy) in enumerate(twins, start=2):
-            t = threading.Thread(target=self._worker_loop, args=(twin, policy), name=f"lookalike-infer-{i}",
+        for i, twin in enumerate(twins, start=2):
+            t = threading.Thread(target=self._worker_loop, args=(twin, None, True), name=f"lookalike-infer-{i}",
                                  daemon=True)
             self._more_infer_threads.append(t)
             t.start()
@@ -512,11 +524,11 @@ class MicroBatcher:
                  getattr(backend, "name", "?"), self.running_workers, self.max_batch, self.wait_s * 1000)
         self._worker_loop(backend, self.policy)
 
-    def _fork(self, backend, warm: np.ndarray) -> list[tuple[Any, "ThreadPolicy | None"]]:
-        """``workers - 1`` more handles on ``backend`` (:meth:`InferenceBackend.fork`), warmed at
-        every thread count they will run, sharing the one :class:`ThreadPolicy` (measured per
-        worker, one worker's stale 2-thread timing kept its lone queries on 1 thread); fewer when the
-        backend cannot fork or a fork fails (logged: the service runs on the threads it has)."""
+    def _fork(self, backend, warm: np.ndarray) -> list[Any]:
+        """``workers - 1`` more handles on ``backend`` (:meth:`InferenceBackend.fork`), warmed, for
+        the helper threads (which run every batch on the backend's own thread count: lone
+        queries go to the first thread); fewer when the backend cannot fork or a fork fails
+        (logged: the service runs on the threads it has)."""
         twins = []
         for _ in range(1, self.workers):
             try:
@@ -525,30 +537,47 @@ class MicroBatcher:
                     log.info("backend %s runs in one inference thread (inference_workers=%d asked)",
                              getattr(backend, "name", "?"), self.workers)
                     break
-                policy = self.policy  # one policy for every thread: its timings are the machine's
-                if policy is not None and hasattr(twin, "set_threads"):
-                    twin.set_threads(policy.idle)
-                    twin.embed_array(warm)
-                    twin.set_threads(policy.busy)
                 twin.embed_array(warm)
             except Exception as exc:  # noqa: BLE001 - one thread fewer, not a failed start
                 log.warning("a second inference thread could not be started (%s); running on %d",
                             exc, 1 + len(twins))
                 break
-            twins.append((twin, policy))
+            twins.append(twin)
         return twins
 
-    def _worker_loop(self, backend, policy: ThreadPolicy | None) -> None:
-        """One inference thread: take a batch from the shared queue, run it, until ``_STOP``."""
+    def _put(self, job: _Job) -> None:
+        """Queue ``job`` for the inference threads; wake the helpers if the first one is busy."""
+        self._queue.put(job)
+        if self._more_infer_threads and (self._busy > 0 or self._queue.qsize() > 1):
+            self._helpers_wanted.set()
+
+    def _worker_loop(self, backend, policy: ThreadPolicy | None, helper: bool = False) -> None:
+        """One inference thread: take a batch from the shared queue, run it, until ``_STOP``.
+
+        The first thread takes every job it can; a ``helper`` takes jobs only while the first is
+        busy (``_helpers_wanted``), so a lone query always runs on the first thread's warm model
+        and thread pool (alternating between two handles, each cold, cost the lone path its gain
+        from a second core)."""
         if policy is not None and hasattr(backend, "set_threads"):
             backend.set_threads(policy.busy)
         set_search_threads(self.search_threads)
         while True:
-            first = self._queue.get()
+            if helper:
+                self._helpers_wanted.wait()
+                try:
+                    first = self._queue.get(timeout=0.02)
+                except queue.Empty:
+                    if self._busy == 0 and self._queue.empty():
+                        self._helpers_wanted.clear()
+                    continue
+            else:
+                first = self._queue.get()
             start = time.monotonic()
             if first is _STOP:
                 return
             self._change_busy(+1)
+            if not helper and not self._queue.empty() and self._more_infer_threads:
+                self._helpers_wanted.set()  # a job queued before this thread counted itself busy
             try:
                 batch, stop = self._collect(first)
                 batch = self._prepare_inline(batch)
@@ -646,8 +675,9 @@ class MicroBatcher:
             item = (vectors[to_search], [batch[i] for i in to_search])
             if self._queue.empty():
                 # Nobody waits for the model: searching here saves a thread hand-off; under load
-                # the search thread takes it so the next forward pass overlaps this search.
-                self._search_batch(*item)
+                # the search thread takes it so the next forward pass overlaps this search. A
+                # lone query searches on the lone query's threads (IndexStore.search).
+                self._search_batch(*item, threads=threads if lone else 1)
             else:
                 self._search_queue.put(item)
         if lone:
@@ -686,10 +716,11 @@ class MicroBatcher:
                 jobs.extend(nxt[1])
             self._search_batch(vectors[0] if len(vectors) == 1 else np.concatenate(vectors), jobs)
 
-    def _search_batch(self, vectors: np.ndarray, jobs: list[_Job]) -> None:
+    def _search_batch(self, vectors: np.ndarray, jobs: list[_Job], threads: int = 1) -> None:
         t0 = time.perf_counter()
         try:
-            hits = self.store.search(np.ascontiguousarray(vectors, dtype=np.float32), max(j.k for j in jobs))
+            hits = self.store.search(np.ascontiguousarray(vectors, dtype=np.float32), max(j.k for j in jobs),
+                                     **({"threads": threads} if threads > 1 else {}))
         except Exception:  # noqa: BLE001
             log.exception("index search failed for a batch of %d", len(jobs))
             for j in jobs:

@@ -49,6 +49,44 @@ def test_lone_and_batched_queries_rank_alike_on_either_faiss_path(tmp_path, rng)
     store.close()
 
 
+def test_a_lone_query_on_two_threads_ranks_like_brute_force(tmp_path, rng):
+    """threads=2 sends an unfiltered single query over a Flat index to one BLAS product on two
+    cores (ann.lone_exact_search): same hits, order and scores as brute force, deletions and
+    paging included; filtered or batched queries keep FAISS's path, with the same answers."""
+    store = IndexStore.create(tmp_path / "ix", card=make_card(), images_root=tmp_path)
+    v = unit(rng, 400)
+    ids = np.asarray(store.add(v, records(400)))
+    gone = ids[::5]
+    store.remove(gone.tolist())
+    keep = ~np.isin(ids, gone)
+    base, base_ids = v[keep], ids[keep]
+    assert ann.flat_rows(store._index) is not None
+    for i in range(6):
+        q = unit(rng, 1)
+        for k, offset in ((1, 0), (10, 0), (7, 5), (400, 0)):
+            two = store.search(q, k, offset=offset, threads=2)[0]
+            one = store.search(q, k, offset=offset)[0]
+            scores, oracle = numpy_topk(q, base, base_ids, min(offset + k, len(base_ids)))
+            assert [h.id for h in two] == [h.id for h in one] == oracle[0, offset:].tolist()
+            np.testing.assert_allclose([h.score for h in two], scores[0, offset:], atol=2e-6)
+    store.add(unit(rng, 3), records(3, 1000, label="y"))
+    labelled = store.search(unit(rng, 1), 5, label="y", threads=2)[0]
+    assert len(labelled) == 3 and all(h.label == "y" for h in labelled)
+    store.close()
+
+
+def test_lone_exact_search_on_few_rows_and_other_indexes():
+    rows = np.eye(3, 4, dtype=np.float32)
+    ids = np.array([7, 8, 9], dtype=np.int64)
+    scores, found = ann.lone_exact_search(rows, ids, np.array([[0.1, 0.9, 0.0, 0.0]], np.float32), 10, 2)
+    assert found.tolist() == [[8, 7, 9]] and scores.shape == (1, 3) and scores.dtype == np.float32
+    import faiss
+
+    ivf = faiss.index_factory(4, "IVF1,Flat", faiss.METRIC_INNER_PRODUCT)
+    assert ann.flat_rows(ivf) is None
+    assert ann.flat_rows(ann.empty_index("Flat", 4)) is None  # empty: FAISS's own path
+
+
 def test_exact_search_routing_sends_only_small_batches_to_the_sequential_scan():
     import faiss
 
