@@ -85,8 +85,10 @@ def flat_rows(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
     """Zero-copy views of an ``IndexIDMap2(IndexFlatIP)``'s stored rows and ids:
     ((N, D) float32, (N,) int64), or None for any other index. Valid until the index is written
     (read them under the store's read lock)."""
-    flat = faiss.downcast_index(getattr(index, "index", None)) if isinstance(index, faiss.IndexIDMap2) else None
-    if not isinstance(flat, faiss.IndexFlatIP) or index.ntotal == 0:
+    if not isinstance(index, faiss.IndexIDMap2) or index.ntotal == 0:
+        return None
+    flat = faiss.downcast_index(index.index)
+    if not isinstance(flat, faiss.IndexFlatIP):
         return None
     n, d = int(index.ntotal), int(index.d)
     rows = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)

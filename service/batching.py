@@ -28,14 +28,17 @@ Why this shape (each a measured fact on these 2-core machines):
   decision is O(1) on the event loop (:meth:`MicroBatcher.refusal` reads two numbers), so the
   service answers 503 from a request's headers, before reading its body (:mod:`service.protocol`).
 * Thread counts follow the load (:class:`ThreadPolicy`): a lone query (nothing queued, nothing
-  being decoded, a core free of other processes' work: :class:`OtherCpu`) runs its forward pass on ``idle_threads``
-  threads, so an idle service uses every core; a batch, or a query with others behind it, runs
-  on one thread and leaves the other cores to decoding and the overlapped search. Two threads on
-  a core another process also wants collapse (OpenMP workers wait for a descheduled peer:
-  measured 2-25x slower here), so the policy also keeps timing lone queries on 1 and on
-  ``idle_threads`` and uses the faster one. Searches stay on ``search_threads``: FAISS splits
-  work across queries, so one query gains nothing from more threads (bench_search: 816 vs 834
-  ms, Flat 100k x 1280), while 32 queries on 2 threads under load took 11x longer.
+  being decoded, a core free of other processes' work: :class:`OtherCpu`) runs its forward pass
+  on ``idle_threads`` threads, so an idle service uses every core; a batch, or a query with
+  others behind it, runs on one thread and leaves the other cores to decoding and the
+  overlapped search. Two threads on a core another process also wants collapse (OpenMP workers
+  wait for a descheduled peer: measured 2-25x slower here), so the policy also keeps timing lone
+  queries on 1 and on ``idle_threads`` and uses the faster one. FAISS searches stay on
+  ``search_threads``: FAISS splits work across queries, so one query gains nothing from more
+  threads (bench_search: 816 vs 834 ms, Flat 100k x 1280), while 32 queries on 2 threads under
+  load took 11x longer. A lone query over an exact index is searched instead by one BLAS product
+  on its ``idle_threads`` cores (:func:`index.ann.lone_exact_search`: 1.8 vs 4.3-5.0 ms over
+  20k x 1280).
 
 Results are handed back to the event loop with ``loop.call_soon_threadsafe``; the event loop
 never runs model or index code.
@@ -124,8 +127,8 @@ class OtherCpu:
     ``busy()`` is True when other processes used at least ``cores - 1.5`` cores (2 cores: half a
     core) in the last window (a window over ``3 x period_s`` old, after an idle spell, counts as
     not busy and starts a fresh one: the bench's other servers at concurrency 8 seconds earlier
-    kept lone queries on one thread): then a second intra-op thread would share a core with them, the
-    collapse of the module docstring. The readers are injectable for tests.
+    kept lone queries on one thread): then a second intra-op thread would share a core with
+    them, the collapse of the module docstring. The readers are injectable for tests.
     """
 
     def __init__(self, cores: int | None = None, *, machine_busy_s: Callable[[], float | None] | None = None,
@@ -569,6 +572,11 @@ class MicroBatcher:
                 except queue.Empty:
                     if self._busy == 0 and self._queue.empty():
                         self._helpers_wanted.clear()
+                    continue
+                if first is not _STOP and self._busy == 0 and self._queue.empty():
+                    # the first thread came free meanwhile: the job is its (a lone query)
+                    self._helpers_wanted.clear()
+                    self._queue.put(first)
                     continue
             else:
                 first = self._queue.get()

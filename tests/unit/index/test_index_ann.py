@@ -16,14 +16,20 @@ def numpy_topk(q: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int) -> tupl
     return np.take_along_axis(s, order, axis=1), ids[order]
 
 
-def test_flat_search_equals_numpy_bruteforce(tmp_path, rng):
+def store_with_deletions(tmp_path, rng, n: int, every: int) -> tuple[IndexStore, np.ndarray, np.ndarray]:
+    """A Flat store of ``n`` random unit vectors with every ``every``-th removed ->
+    (store, remaining vectors (M, D), their ids (M,))."""
     store = IndexStore.create(tmp_path / "ix", card=make_card(), images_root=tmp_path)
-    v = unit(rng, 500)
-    ids = np.asarray(store.add(v, records(500)))
-    gone = ids[::7]
+    v = unit(rng, n)
+    ids = np.asarray(store.add(v, records(n)))
+    gone = ids[::every]
     store.remove(gone.tolist())
     keep = ~np.isin(ids, gone)
-    base, base_ids = v[keep], ids[keep]
+    return store, v[keep], ids[keep]
+
+
+def test_flat_search_equals_numpy_bruteforce(tmp_path, rng):
+    store, base, base_ids = store_with_deletions(tmp_path, rng, 500, 7)
     q = unit(rng, 40)
     for k in (1, 10, 37):
         hits = store.search(q, k)
@@ -53,13 +59,7 @@ def test_a_lone_query_on_two_threads_ranks_like_brute_force(tmp_path, rng):
     """threads=2 sends an unfiltered single query over a Flat index to one BLAS product on two
     cores (ann.lone_exact_search): same hits, order and scores as brute force, deletions and
     paging included; filtered or batched queries keep FAISS's path, with the same answers."""
-    store = IndexStore.create(tmp_path / "ix", card=make_card(), images_root=tmp_path)
-    v = unit(rng, 400)
-    ids = np.asarray(store.add(v, records(400)))
-    gone = ids[::5]
-    store.remove(gone.tolist())
-    keep = ~np.isin(ids, gone)
-    base, base_ids = v[keep], ids[keep]
+    store, base, base_ids = store_with_deletions(tmp_path, rng, 400, 5)
     assert ann.flat_rows(store._index) is not None
     for i in range(6):
         q = unit(rng, 1)

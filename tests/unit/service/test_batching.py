@@ -554,6 +554,9 @@ def test_lone_queries_run_on_the_first_inference_thread(model_dir, store, inputs
         assert mb.running_workers == 2
         holder["b"].log.clear()
         for a in arrays[:6]:
+            deadline = time.monotonic() + 10
+            while mb._busy and time.monotonic() < deadline:  # one at a time: each to an idle service
+                time.sleep(0.001)
             asyncio.run(_search_all(mb, [a], [3]))
         assert [name for name, _ in holder["b"].log] == ["lookalike-infer"] * 6
     finally:
