@@ -130,6 +130,34 @@ def _numpy_blas() -> tuple:
     return _BLAS[0]
 
 
+#: Extra candidates an exact search fetches before :func:`rank_exact` rescores and cuts them.
+RESCORE_MARGIN = 8
+
+
+def rank_exact(index: faiss.Index, q: np.ndarray, ids: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """One score and one order for an exact search, whichever path found the candidates.
+
+    FAISS's sequential scan, its BLAS path and :func:`lone_exact_search` sum a dot product in
+    different orders, so the same query's scores differed by ~6e-8 between a lone request and
+    one micro-batched with others, and near-ties could swap: pages fetched separately must
+    concatenate to the top-k. Each candidate (``ids``: (Q, K) int64, -1 = none; K includes
+    :data:`RESCORE_MARGIN` extra) is rescored from its stored vector in float64, then ranked by
+    score, ties by id, and cut to ``keep``. -> ((Q, keep) float32 scores, (Q, keep) int64 ids),
+    -1 / -inf padded.
+    """
+    out_s = np.full((len(q), keep), -np.inf, dtype=np.float32)
+    out_i = np.full((len(q), keep), -1, dtype=np.int64)
+    for r, (qv, row) in enumerate(zip(q, ids)):
+        row = row[row >= 0]
+        if len(row) == 0:
+            continue
+        vecs = index.reconstruct_batch(row).astype(np.float64)
+        scores = (vecs * qv.astype(np.float64)).sum(axis=1).astype(np.float32)
+        order = np.lexsort((row, -scores))[:keep]
+        out_s[r, :len(order)], out_i[r, :len(order)] = scores[order], row[order]
+    return out_s, out_i
+
+
 def warm_lone_search() -> None:
     """Load what :func:`lone_exact_search` needs (~3 ms once), so no user's query pays it."""
     _numpy_blas()

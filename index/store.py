@@ -617,13 +617,17 @@ class IndexStore:
                 return [[] for _ in range(len(q))]
             ann.set_search_threads(self.search_threads)
             ann.route_exact_search(self.dim)
-            flat = ann.flat_rows(self._index) if threads > 1 and len(q) == 1 and filt is None else None
-            if flat is not None:
-                scores, ids = ann.lone_exact_search(*flat, q, min(want, n), threads)
+            flat = ann.flat_rows(self._index)
+            # exact: a few more candidates than wanted, rescored one way below (rank_exact)
+            fetch = min(want + (ann.RESCORE_MARGIN if flat is not None else 0), n)
+            if flat is not None and threads > 1 and len(q) == 1 and filt is None:
+                scores, ids = ann.lone_exact_search(*flat, q, fetch, threads)
             elif filt is None:
-                scores, ids = self._index.search(q, min(want, n))
+                scores, ids = self._index.search(q, fetch)
             else:
-                scores, ids = self._filtered_search(q, min(want, n), filt)
+                scores, ids = self._filtered_search(q, fetch, filt)
+            if flat is not None:
+                scores, ids = ann.rank_exact(self._index, q, ids, min(want, n))
         return [row[offset: offset + k] for row in self._hits(scores, ids, exclude=drop)]
 
     def _filtered_search(self, q: np.ndarray, kk: int, filt: "_Filter") -> tuple[np.ndarray, np.ndarray]:
