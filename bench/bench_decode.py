@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from models.card import ModelCard  # noqa: E402
 from models.decode import DecodeLimits  # noqa: E402
 from models.preprocess import Preprocess  # noqa: E402
-from bench.bench_overload import cpu_name  # noqa: E402
+from models.backends import cpu_summary  # noqa: E402
 from models.decode import ImageDecodeError  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.unit.models.decode_worst import WORST_CASES, png, write_case  # noqa: E402
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['case']:<52} {r['bytes']:>9} {r['outcome']:<26} {r['median_ms']:>9.2f} {r['p90_ms']:>8.2f} "
               f"{r['x_baseline']:>7.1f} {r['peak_rss_growth_mib']:>9.1f}")
     print(json.dumps({"bench": "decode", "repeat": args.repeat, "image_size": args.image_size,
-                      "max_full_decode_pixels": MAX_FULL, "python": platform.python_version(), "cpu": cpu_name(),
+                      "max_full_decode_pixels": MAX_FULL, "python": platform.python_version(), "cpu": cpu_summary(),
                       "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "rows": rows}))
     return 0
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.bench_overload import cpu_name  # noqa: E402
+from models.backends import cpu_summary  # noqa: E402
 from bench.bench_reliability import build_fixture  # noqa: E402
 from tests.e2e.killloop import run_kill_loop  # noqa: E402
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['debris_files']}, orphans {summary['orphans']}; final SIGTERM exit {summary['final_sigterm_status']}; "
           f"restart median {summary['restart_s_median']} s")
     print(json.dumps({"bench": "kill_loop", **summary, "problems": [list(map(str, p)) for p in result["problems"][:20]],
-                      "python": platform.python_version(), "cpu": cpu_name(), "cpus": os.cpu_count(),
+                      "python": platform.python_version(), "cpu": cpu_summary(), "cpus": os.cpu_count(),
                       "loadavg": os.getloadavg()}))
     return 0 if not result["problems"] and result["final_sigterm_status"] == 0 else 1
 

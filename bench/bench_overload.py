@@ -31,18 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.bench_reliability import build_fixture, free_port, query_jpeg, start_server  # noqa: E402
+from bench.bench_reliability import build_fixture, query_jpeg, start_server  # noqa: E402
+from bench.bench_service import free_port  # noqa: E402
+from models.backends import cpu_summary  # noqa: E402
 from tests.e2e.loadgen import overload_run, process_cpu_seconds, search_request  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     targets["recovery_over_capacity"] = round(phases["recovery"]["ok_per_s"] / cap["ok_per_s"], 2)
     print("targets:", json.dumps(targets))
     print(json.dumps({"bench": "overload", "seconds": args.seconds, "factors": factors, "image_size": args.image_size,
-                      "concurrency": args.concurrency, "python": platform.python_version(), "cpu": cpu_name(),
+                      "concurrency": args.concurrency, "python": platform.python_version(), "cpu": cpu_summary(),
                       "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "phases": phases, "targets": targets}))
     return 0
 

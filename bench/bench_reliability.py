@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.bench_service import free_port  # noqa: E402
+
 API_KEY = "bench-key-0123456789abcdef"
 
 
@@ -179,12 +181,6 @@ def start_server(model: Path, index: Path, port: int, log: Path, **settings: str
         time.sleep(0.3)
     proc.kill()
     raise RuntimeError("server did not become ready")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

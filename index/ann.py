@@ -114,7 +114,7 @@ def lone_exact_search(rows: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int,
         scores = rows @ q[0]
     top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
     top = top[np.argsort(-scores[top], kind="stable")]
-    return scores[top][None, :].astype(np.float32), ids[top][None, :].astype(np.int64)
+    return scores[top][None, :], ids[top][None, :]
 
 
 def _numpy_blas() -> tuple:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import queue
 import threading
 import time
@@ -134,8 +135,6 @@ class OtherCpu:
     def __init__(self, cores: int | None = None, *, machine_busy_s: Callable[[], float | None] | None = None,
                  own_s: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.monotonic,
                  period_s: float = 1.0) -> None:
-        import os
-
         self.cores = cores if cores is not None else (os.cpu_count() or 1)
         self.machine_busy_s = machine_busy_s if machine_busy_s is not None else _machine_busy_seconds
         self.own_s, self.clock, self.period_s = own_s, clock, period_s
@@ -149,8 +148,6 @@ class OtherCpu:
             return self._busy
         machine = self.machine_busy_s()
         if machine is None:  # no /proc/stat: the load average, which includes this process
-            import os
-
             try:
                 self._busy = os.getloadavg()[0] >= max(1, self.cores - 1) + 0.5
             except OSError:
@@ -171,8 +168,6 @@ class OtherCpu:
 
 def _machine_busy_seconds() -> float | None:
     """CPU seconds every core of this machine spent busy since boot (``/proc/stat``), or None."""
-    import os
-
     try:
         with open("/proc/stat") as fh:
             fields = fh.readline().split()
@@ -304,7 +299,6 @@ class MicroBatcher:
         self.max_wait_s = max_queue_wait_ms / 1000.0
         self.query_time = QueryTime()
         self.search_threads = search_threads
-        self.idle_threads, self.busy_threads = idle_threads, busy_threads
         self.policy = ThreadPolicy(idle=idle_threads, busy=busy_threads) if idle_threads > busy_threads else None
         self.workers = workers  #: inference threads asked for; :attr:`running_workers` says how many run
         self.running_workers = 0
@@ -728,7 +722,7 @@ class MicroBatcher:
         t0 = time.perf_counter()
         try:
             hits = self.store.search(np.ascontiguousarray(vectors, dtype=np.float32), max(j.k for j in jobs),
-                                     **({"threads": threads} if threads > 1 else {}))
+                                     threads=threads)
         except Exception:  # noqa: BLE001
             log.exception("index search failed for a batch of %d", len(jobs))
             for j in jobs:

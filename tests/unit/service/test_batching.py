@@ -43,9 +43,9 @@ class RecordingStore:
         self.inner = inner
         self.threads: list[str] = []
 
-    def search(self, queries, k):
+    def search(self, queries, k, **kw):
         self.threads.append(threading.current_thread().name)
-        return self.inner.search(queries, k)
+        return self.inner.search(queries, k, **kw)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
