@@ -18,6 +18,15 @@ deleted id.
 held-out queries to reach the recall@10 target. The measurement: docs/design.md, "Index: exact
 search up to 2**25 floats".
 
+Below that bound ``auto`` is ANN only where it measures as good as exact, at a fraction of the
+scan: from N * D >= :data:`EARLY_ANN_MIN_ELEMENTS` (2**23 floats = 32 MiB, 6,554 vectors at
+D=1280, 65,536 at D=128) the store builds ``IVF{nlist},Flat`` on its own vectors and keeps it when
+tuning reaches recall@10 >= :data:`EARLY_ANN_RECALL` (or the store's higher target) while probing
+at most :data:`EARLY_ANN_MAX_PROBE_SHARE` of the lists (1/4); otherwise it stays exact, and tries again
+once the collection has doubled (:func:`early_ann_candidate`, :func:`passes_early_gate`).
+Clustered collections (real embeddings) pass; uniform random vectors, where IVF must probe
+every list, do not.
+
 Under a memory budget (``max_ram``, ``lookalike index build --max-ram``) ``auto`` takes the first
 structure whose estimated size (:func:`index_bytes`) fits: Flat, ``IVF,Flat``, ``IVF,SQ8``, then
 IVF-PQ with the longest code that fits (:func:`pq_factory`, OPQ from 8 dimensions per
@@ -39,6 +48,14 @@ log = logging.getLogger(__name__)
 
 #: Below this many stored floats (N * D) ``auto`` stays exact; see the module docstring.
 FLAT_MAX_ELEMENTS = 2**25
+#: From this many stored floats (N * D) up to FLAT_MAX_ELEMENTS, ``auto`` tries an IVF index and
+#: keeps it only if it passes :func:`passes_early_gate`. A one-query Flat scan of 2**23 floats
+#: took ~3 ms on one core here (docs/design.md, "Index: measured ANN below the exact bound").
+EARLY_ANN_MIN_ELEMENTS = 2**23
+#: Recall@10 (held-out, against exact search) an IVF index must reach to replace an exact one.
+EARLY_ANN_RECALL = 0.99
+#: ...while probing at most this share of its lists (so a search scans ~1/4 of the vectors or less).
+EARLY_ANN_MAX_PROBE_SHARE = 1 / 4
 #: Queries sampled from the collection to tune and measure recall@10.
 TUNING_QUERIES = 1000
 #: Safety margin over the target when tuning, so fresh queries also meet the target.
@@ -108,13 +125,21 @@ def lone_exact_search(rows: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int,
     OpenBLAS workers spin ~0.1 s of CPU after each call unless ``OPENBLAS_THREAD_TIMEOUT`` is
     low, which ``python -m service`` sets before numpy loads.
     """
-    k = min(int(k), len(rows))
     controller, which = _numpy_blas()
     with controller.limit(limits={which: max(1, int(threads))}):
         scores = rows @ q[0]
-    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return scores[top][None, :], ids[top][None, :]
+    return _top_k(scores[None, :], ids, k)
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` of each row of (Q, N) ``scores`` -> ((Q, k) scores, (Q, k) ids of ``ids``), best first."""
+    k = min(int(k), scores.shape[1])
+    top = (np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1]
+           else np.broadcast_to(np.arange(scores.shape[1]), scores.shape))
+    picked = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    return np.take_along_axis(picked, order, axis=1), ids[top]
 
 
 def _numpy_blas() -> tuple:
@@ -232,6 +257,40 @@ def choose_factory(requested: str, n: int, dim: int, *, max_ram: int | None = No
     return pq_factory(n, dim, max_ram)
 
 
+def early_ann_candidate(n: int, dim: int, *, max_ram: int | None = None) -> str | None:
+    """The IVF factory ``auto`` tries for ``n`` x ``dim`` vectors below the exact bound, or None
+    outside [:data:`EARLY_ANN_MIN_ELEMENTS`, :data:`FLAT_MAX_ELEMENTS`] (or when it would not fit
+    ``max_ram``). Whether it is kept is measured: :func:`passes_early_gate`."""
+    if not EARLY_ANN_MIN_ELEMENTS <= n * dim <= FLAT_MAX_ELEMENTS:
+        return None
+    factory = ann_factory(n)
+    if max_ram is not None and index_bytes(factory, n, dim) > max_ram:
+        return None
+    return factory
+
+
+def early_ann_target(recall_target: float) -> float:
+    """Recall@10 an early IVF index is tuned to: the store's target, at least :data:`EARLY_ANN_RECALL`."""
+    return max(float(recall_target), EARLY_ANN_RECALL)
+
+
+def early_ann_max_nprobe(nlist: int) -> int:
+    """Most lists an early IVF index may probe: :data:`EARLY_ANN_MAX_PROBE_SHARE` of ``nlist``."""
+    return max(1, int(nlist * EARLY_ANN_MAX_PROBE_SHARE))
+
+
+def passes_early_gate(index: faiss.Index, tuning: "Tuning", recall_target: float) -> bool:
+    """Whether an IVF index tuned below the exact bound replaces exact search: its held-out
+    recall@10 reached :func:`early_ann_target` (with the tuning margin) at an ``nprobe`` of at
+    most :func:`early_ann_max_nprobe` of its lists."""
+    nlist = nlist_of(index)
+    if nlist is None or not tuning.n_queries:
+        return False
+    nprobe = int(tuning.params.get("nprobe", nlist))
+    need = min(1.0, early_ann_target(recall_target) + TUNING_MARGIN)
+    return tuning.recall_at_10 >= need and nprobe <= early_ann_max_nprobe(nlist)
+
+
 #: Bytes per vector of bookkeeping besides its code: the int64 id in its inverted list.
 _ID_BYTES = 8
 #: Smallest PQ code ``auto`` uses; below it recall@10 collapses (see bench/bench_scale.py).
@@ -347,17 +406,18 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
 
 def build(factory: str, vectors: np.ndarray, ids: np.ndarray, *, rng: np.random.Generator | None = None,
           recall_target: float = 0.95, threads: int | None = None,
-          trained: faiss.Index | None = None) -> tuple[faiss.Index, Tuning]:
+          trained: faiss.Index | None = None, max_nprobe: int | None = None) -> tuple[faiss.Index, Tuning]:
     """Build a concrete index over (N, D) float32 unit ``vectors`` with int64 ``ids``.
 
     IVF: trains on a sample that excludes the tuning queries, adds everything, then tunes.
     ``trained``: an empty, trained index (e.g. the coarse quantizer and PQ trained once for
     every shard, :mod:`index.shards`); a copy of it is filled instead of training.
+    ``max_nprobe``: tuning stops there even below the target (:func:`tune`).
     Returns the index and its :class:`Tuning` (recall 1.0 for Flat).
     """
     if trained is not None:
         return _build_from_trained(trained, vectors, ids, rng=rng or np.random.default_rng(0),
-                                   recall_target=recall_target, threads=threads)
+                                   recall_target=recall_target, threads=threads, max_nprobe=max_nprobe)
     rng = rng or np.random.default_rng(0)
     n, dim = vectors.shape
     set_search_threads(threads or os.cpu_count() or 1)
@@ -380,14 +440,15 @@ def build(factory: str, vectors: np.ndarray, ids: np.ndarray, *, rng: np.random.
         log.info("training %s on %d of %d vectors", factory, len(train), n)
         index.train(train)
         index.add_with_ids(vectors, ids)
-        tuning = tune(index, vectors, ids, q_rows, recall_target=recall_target)
+        tuning = tune(index, vectors, ids, q_rows, recall_target=recall_target, max_nprobe=max_nprobe)
         return index, tuning
     finally:
         set_search_threads(1)
 
 
 def _build_from_trained(trained: faiss.Index, vectors: np.ndarray, ids: np.ndarray, *, rng: np.random.Generator,
-                        recall_target: float, threads: int | None) -> tuple[faiss.Index, Tuning]:
+                        recall_target: float, threads: int | None,
+                        max_nprobe: int | None = None) -> tuple[faiss.Index, Tuning]:
     if not trained.is_trained or trained.ntotal:
         raise ValueError("the trained index must be trained and empty")
     set_search_threads(threads or os.cpu_count() or 1)
@@ -396,7 +457,7 @@ def _build_from_trained(trained: faiss.Index, vectors: np.ndarray, ids: np.ndarr
         if len(ids):
             index.add_with_ids(vectors, ids)
         q_rows = rng.permutation(len(ids))[: min(TUNING_QUERIES, len(ids) // 10)]
-        return index, tune(index, vectors, ids, q_rows, recall_target=recall_target)
+        return index, tune(index, vectors, ids, q_rows, recall_target=recall_target, max_nprobe=max_nprobe)
     finally:
         set_search_threads(1)
 
@@ -411,8 +472,11 @@ def is_lossy(index: faiss.Index) -> bool:
 
 
 def tune(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, q_rows: np.ndarray, *,
-         recall_target: float) -> Tuning:
+         recall_target: float, max_nprobe: int | None = None) -> Tuning:
     """Pick the smallest nprobe whose recall@10 on the held-out queries reaches the target.
+
+    ``max_nprobe``: probe no more lists than this; if the target is not reached by then, the
+    largest tried is chosen and its (lower) recall reported.
 
     Each query row is searched with k=11 by both exact and ANN search and its own id is dropped
     from both lists, so a query is effectively held out of the base it is measured against
@@ -429,12 +493,13 @@ def tune(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, q_rows: np.nd
     curve = []
     chosen = None
     lossy = is_lossy(index)
-    for nprobe in [p for p in _NPROBE_GRID if p < nlist] + [nlist]:
+    top = min(nlist, max_nprobe) if max_nprobe else nlist
+    for nprobe in [p for p in _NPROBE_GRID if p < top] + [top]:
         set_params(index, {"nprobe": nprobe})
         _, found = index.search(q, min(k, n))
         r = recall_at(_drop_self(found, qids), truth)
         curve.append((nprobe, round(r, 4)))
-        if r >= min(1.0, recall_target + TUNING_MARGIN) or nprobe >= nlist:
+        if r >= min(1.0, recall_target + TUNING_MARGIN) or nprobe >= top:
             chosen = (nprobe, r)
             break
         if lossy and len(curve) >= 3 and r - curve[-3][1] < PLATEAU_GAIN:

@@ -323,6 +323,9 @@ def cmd_info(args) -> int:
         elif k == "recall_at_10":
             v = f"{v:.4f}" + (" (exact search)" if info["factory"] == "Flat" else
                               f" measured on {info['recall_measured_on']['queries']} held-out queries")
+        elif k == "early_ann" and v:
+            v = (f"{v['factory']} at {v['n']} vectors: recall@10 {v['recall_at_10']:.4f} probing {v['nprobe']} of "
+                 f"{v['nlist']} lists -> " + ("kept (ANN below the exact bound)" if v["kept"] else "stayed exact"))
         print(f"{k:<{width}}  {v}")
     return 0
 

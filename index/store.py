@@ -167,6 +167,9 @@ class IndexStore:
         self._index: faiss.Index = ann.empty_index("Flat", self.dim)
         self._factory = "Flat"
         self._tuning = ann.Tuning()
+        #: the last measured early-ANN trial (``auto`` below the exact bound, :meth:`_build_auto`):
+        #: {"n", "factory", "recall_at_10", "nprobe", "kept"}; persisted in the manifest
+        self._early: dict | None = None
         self._seq = 0
         self.max_ram: int | None = config.get("max_ram")
         #: an on-disk index (``--on-disk``): read-only opens memory-map the IVF lists
@@ -401,6 +404,7 @@ class IndexStore:
                                   n_at_tuning=int(tuning.get("n_at_tuning", m["ntotal"])),
                                   curve=[tuple(x) for x in tuning.get("curve", [])])
         ann.set_params(index, self._tuning.params)
+        self._early = m.get("early_ann")
         self._mmapped = self._mmap and ann.nlist_of(index) is not None
         self._index = index
         self._factory = m["factory"]
@@ -436,10 +440,40 @@ class IndexStore:
             seq = self.db.last_seq(con)
         factory = factory or self._desired_factory(len(ids))
         trained = self._trained if self._trained is not None and factory == self._trained_factory() else None
-        index, tuning = ann.build(factory, vecs, ids, recall_target=self.recall_target, trained=trained)
+        if trained is None and self._early_band(len(ids)) and factory != "Flat":
+            factory, index, tuning = self._build_early(factory, vecs, ids)
+        else:
+            index, tuning = ann.build(factory, vecs, ids, recall_target=self.recall_target, trained=trained)
         with self._rw.write():
             self._index, self._tuning, self._factory, self._seq = index, tuning, factory, seq
             self._mmapped = False
+
+    def _early_band(self, n: int) -> bool:
+        """``auto`` at ``n`` vectors is below the exact bound but where an IVF index may replace Flat."""
+        return (self.factory_requested == "auto" and self._trained is None
+                and ann.early_ann_candidate(n, self.dim, max_ram=self.max_ram) is not None)
+
+    def _build_early(self, factory: str, vecs: np.ndarray, ids: np.ndarray) -> tuple[str, faiss.Index, ann.Tuning]:
+        """Build ``factory`` (IVF) below the exact bound and keep it only if it measures as good as
+        exact at a fraction of the scan (:func:`index.ann.passes_early_gate`); else build Flat.
+        Records the trial in ``self._early`` (and so in the next manifest)."""
+        target = ann.early_ann_target(self.recall_target)
+        nlist = ann.nlist_of(ann.empty_index(factory, self.dim)) or 1
+        index, tuning = ann.build(factory, vecs, ids, recall_target=target,
+                                  max_nprobe=ann.early_ann_max_nprobe(nlist))
+        kept = ann.passes_early_gate(index, tuning, self.recall_target)
+        self._early = {"n": int(len(ids)), "factory": factory, "recall_at_10": float(tuning.recall_at_10),
+                       "nprobe": int(tuning.params.get("nprobe", nlist)), "nlist": int(nlist), "kept": kept}
+        if kept:
+            log.info("%s: %s replaces exact search at %d vectors: recall@10 %.4f probing %d of %d lists",
+                     self.directory, factory, len(ids), tuning.recall_at_10, self._early["nprobe"], nlist)
+            return factory, index, tuning
+        log.info("%s: staying exact at %d vectors: %s reached recall@10 %.4f probing %d of %d lists (needs %.3f "
+                 "probing at most %d); tried again at %d vectors", self.directory, len(ids), factory,
+                 tuning.recall_at_10, self._early["nprobe"], nlist, target, ann.early_ann_max_nprobe(nlist),
+                 2 * len(ids))
+        index, tuning = ann.build("Flat", vecs, ids)
+        return "Flat", index, tuning
 
     # ------------------------------------------------------------------ trained template, on-disk lists
     def _load_trained(self) -> None:
@@ -734,6 +768,7 @@ class IndexStore:
             "recall_target": self.recall_target,
             "search_params": dict(tuning.params),
             "recall_measured_on": {"queries": tuning.n_queries, "ntotal": tuning.n_at_tuning},
+            "early_ann": dict(self._early) if self._early else None,
             "faiss_version": ann.faiss_version(),
             "images_root": str(self.images_root) if self.images_root else None,
             "model_dir": str(self.model_dir) if self.model_dir else None,
@@ -852,7 +887,12 @@ class IndexStore:
         if self._trained is not None:  # a shard (or a merge of shards): the structure trained for all
             return self._trained_factory()
         if self.factory_requested == "auto":
-            return ann.choose_factory("auto", n, self.dim, max_ram=self.max_ram)
+            factory = ann.choose_factory("auto", n, self.dim, max_ram=self.max_ram)
+            early = ann.early_ann_candidate(n, self.dim, max_ram=self.max_ram) if factory == "Flat" else None
+            if early is not None and (self._factory != "Flat" or self._early is None
+                                      or n >= 2 * int(self._early.get("n", 0))):
+                return early  # measured by _build_early; kept only if it is as good as exact
+            return factory
         if self.factory_requested == "Flat":
             return "Flat"
         nlist = ann.nlist_of(ann.empty_index(self.factory_requested, self.dim)) or 1
@@ -909,6 +949,7 @@ class IndexStore:
                     "factory": self._factory, "factory_requested": self.factory_requested,
                     "fingerprint": self.fingerprint, "last_seq": seq,
                     "recall_at_10": float(t.recall_at_10), "recall_target": self.recall_target,
+                    "early_ann": self._early,
                     "tuning": {"params": t.params, "n_queries": t.n_queries, "n_at_tuning": t.n_at_tuning,
                                "curve": t.curve,
                                "method": "held-out sample of the collection: k-means trained without it, "
@@ -934,9 +975,24 @@ class IndexStore:
             ids, vecs = MetadataDB.all_vectors(con, self.dim)
         rng = np.random.default_rng(len(ids))
         q_rows = rng.permutation(len(ids))[: min(ann.TUNING_QUERIES, len(ids) // 10)]
+        early = self._early_band(len(ids))
         with self._rw.write():
             ann.set_search_threads(2)
             try:
-                self._tuning = ann.tune(self._index, vecs, ids, q_rows, recall_target=self.recall_target)
+                if early:
+                    nlist = ann.nlist_of(self._index) or 1
+                    self._tuning = ann.tune(self._index, vecs, ids, q_rows,
+                                            recall_target=ann.early_ann_target(self.recall_target),
+                                            max_nprobe=ann.early_ann_max_nprobe(nlist))
+                else:
+                    self._tuning = ann.tune(self._index, vecs, ids, q_rows, recall_target=self.recall_target)
             finally:
                 ann.set_search_threads(1)
+        if early and not ann.passes_early_gate(self._index, self._tuning, self.recall_target):
+            t = self._tuning
+            log.info("%s: the IVF index no longer matches exact search at %d vectors (recall@10 %.4f "
+                     "probing %s lists); going back to exact", self.directory, len(ids), t.recall_at_10,
+                     t.params.get("nprobe"))
+            self._early = {**(self._early or {}), "n": int(len(ids)), "kept": False,
+                           "recall_at_10": float(t.recall_at_10), "nprobe": int(t.params.get("nprobe", 0))}
+            self._rebuild_from_db("Flat")
