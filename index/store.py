@@ -595,7 +595,8 @@ class IndexStore:
             threads: cores for this call. An unfiltered single query over an exact index on 2+
                 threads is one BLAS product on that many cores (:func:`index.ann.lone_exact_search`,
                 ~2.5x faster than FAISS's one-thread scan over 20k x 1280); otherwise the store's
-                FAISS thread count applies.
+                FAISS thread count applies. (2-3 unfiltered queries over an exact index read the
+                rows once, :func:`index.ann.blocked_exact_search`.)
 
         Filters run inside FAISS as an ``IDSelector``, so a filtered search returns exactly
         ``min(k, matches - offset)`` hits: with an IVF index ``nprobe`` is raised (up to every
@@ -656,6 +657,8 @@ class IndexStore:
             fetch = min(want + (ann.RESCORE_MARGIN if flat is not None else 0), n)
             if flat is not None and threads > 1 and len(q) == 1 and filt is None:
                 scores, ids = ann.lone_exact_search(*flat, q, fetch, threads)
+            elif flat is not None and 2 <= len(q) <= ann.BLOCKED_MAX_QUERIES and filt is None:
+                scores, ids = ann.blocked_exact_search(*flat, q, fetch)
             elif filt is None:
                 scores, ids = self._index.search(q, fetch)
             else:

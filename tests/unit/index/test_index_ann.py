@@ -39,9 +39,10 @@ def test_flat_search_equals_numpy_bruteforce(tmp_path, rng):
     store.close()
 
 
-def test_lone_and_batched_queries_rank_alike_on_either_faiss_path(tmp_path, rng):
-    """1-2 queries take FAISS's sequential scan, larger batches BLAS (route_exact_search): each
-    query's hits are the brute-force ones whichever path its batch size sends it down."""
+def test_lone_and_batched_queries_rank_alike_on_every_exact_path(tmp_path, rng, monkeypatch):
+    """1 query takes FAISS's sequential scan, 2-3 the blocked scan, larger batches FAISS's BLAS
+    path: each query's hits are the brute-force ones whichever path its batch size sends it down."""
+    monkeypatch.setattr(ann, "BLOCK_BYTES", 64 * 4 * DIM)  # 64-row blocks: 300 rows span five
     store = IndexStore.create(tmp_path / "ix", card=make_card(), images_root=tmp_path)
     v = unit(rng, 300)
     ids = np.asarray(store.add(v, records(300)))
@@ -49,10 +50,28 @@ def test_lone_and_batched_queries_rank_alike_on_either_faiss_path(tmp_path, rng)
     _, oracle = numpy_topk(q, v, ids, 10)
     one_at_a_time = [[h.id for h in store.search(q[i:i + 1], 10)[0]] for i in range(5)]
     pairs = [[h.id for h in row] for row in store.search(q[:2], 10)]
+    triples = [[h.id for h in row] for row in store.search(q[2:], 10)]
     batched = [[h.id for h in row] for row in store.search(q, 10)]
     assert one_at_a_time == batched == oracle.tolist()
-    assert pairs == oracle[:2].tolist()
+    assert pairs + triples == oracle.tolist()
     store.close()
+
+
+def test_the_blocked_scan_finds_the_exact_top_k_across_block_edges(rng, monkeypatch):
+    """Rows split into 64-row blocks (the last one short): every query of a small batch gets the
+    brute-force top-k with its scores, mapped to the index's ids; k past the row count returns all."""
+    monkeypatch.setattr(ann, "BLOCK_BYTES", 64 * 4 * DIM)
+    rows = unit(rng, 200)
+    ids = np.arange(1000, 1200, dtype=np.int64)[::-1].copy()
+    for nq in (2, 3):
+        q = unit(rng, nq)
+        scores, found = ann.blocked_exact_search(rows, ids, q, 70)
+        truth_scores, truth = numpy_topk(q, rows, ids, 70)
+        assert found.tolist() == truth.tolist() and found.dtype == np.int64
+        np.testing.assert_allclose(scores, truth_scores, atol=2e-6)
+    scores, found = ann.blocked_exact_search(rows, ids, unit(rng, 2), 500)
+    assert found.shape == (2, 200) and sorted(found[0].tolist()) == sorted(ids.tolist())
+    assert (np.diff(scores, axis=1) <= 0).all()
 
 
 def test_a_lone_query_on_two_threads_ranks_like_brute_force(tmp_path, rng):
@@ -76,9 +95,10 @@ def test_a_lone_query_on_two_threads_ranks_like_brute_force(tmp_path, rng):
 
 
 def test_a_querys_scores_do_not_depend_on_the_path_that_found_them(tmp_path, rng):
-    """Alone (sequential scan), on two threads (one BLAS product) or in a batch of 8 (FAISS's
-    BLAS path), one query gets bit-identical scores and order, so separately fetched pages
-    concatenate to the top-k even across near-ties (FAISS's paths alone differed by ~6e-8)."""
+    """Alone (sequential scan), on two threads (one BLAS product), in a batch of 3 (the blocked
+    scan) or of 8 (FAISS's BLAS path), one query gets bit-identical scores and order, so
+    separately fetched pages concatenate to the top-k even across near-ties (FAISS's paths alone
+    differed by ~6e-8)."""
     store, _, _ = store_with_deletions(tmp_path, rng, 600, 9)
     q = unit(rng, 8)
     q[3] = q[2]  # one query twice in a batch
@@ -86,8 +106,9 @@ def test_a_querys_scores_do_not_depend_on_the_path_that_found_them(tmp_path, rng
     for i in range(8):
         alone = store.search(q[i:i + 1], 12)[0]
         two = store.search(q[i:i + 1], 12, threads=2)[0]
+        in_three = store.search(np.roll(q, -i, axis=0)[:3], 12)[0]
         paged = store.search(q[i:i + 1], 5, threads=2)[0] + store.search(q[i:i + 1], 7, offset=5)[0]
-        assert alone == two == batched[i] == paged
+        assert alone == two == in_three == batched[i] == paged
     assert batched[2] == batched[3]
     store.close()
 
