@@ -487,15 +487,19 @@ class Forkable(Recording):
     barrier of ``meet`` calls (so a test can prove two forward passes run at the same time)."""
 
     def __init__(self, inner, log: list | None = None, barrier: threading.Barrier | None = None,
-                 forks_left: int = 8, fork_error: Exception | None = None) -> None:
+                 forks_left: int = 8, fork_error: Exception | None = None,
+                 hold: threading.Event | None = None) -> None:
         super().__init__(inner)
         self.log = log if log is not None else []
-        self.barrier, self.forks_left, self.fork_error = barrier, forks_left, fork_error
+        self.barrier, self.forks_left, self.fork_error, self.hold = barrier, forks_left, fork_error, hold
 
     def embed_array(self, batch):
         self.log.append((threading.current_thread().name, len(batch)))
-        if self.barrier is not None and len(batch) and batch[0].mean() != 0.0:  # not the warm-up zeros
-            self.barrier.wait(30)
+        if len(batch) and batch[0].mean() != 0.0:  # not the warm-up zeros
+            if self.barrier is not None:
+                self.barrier.wait(30)
+            if self.hold is not None:
+                self.hold.wait(30)
         return super().embed_array(batch)
 
     def fork(self):
@@ -504,13 +508,13 @@ class Forkable(Recording):
         if self.forks_left <= 0:
             return None
         self.forks_left -= 1
-        return Forkable(self.inner, self.log, self.barrier, 0)
+        return Forkable(self.inner, self.log, self.barrier, 0, hold=self.hold)
 
 
 def _start_forkable(model_dir, store, **kw):
     from models.backends import TorchBackend
 
-    backend_kw = {k: kw.pop(k) for k in ("barrier", "forks_left", "fork_error") if k in kw}
+    backend_kw = {k: kw.pop(k) for k in ("barrier", "forks_left", "fork_error", "hold") if k in kw}
     holder = {}
 
     def factory():
@@ -543,6 +547,103 @@ def test_two_inference_workers_run_two_forward_passes_at_once(model_dir, store, 
     finally:
         mb.stop()
     assert not any(t.is_alive() for t in [mb._infer_thread, *mb._more_infer_threads])
+
+
+@pytest.fixture
+def batching_kept(monkeypatch):
+    """Batching stays on whatever the start-up timing says (the tests below are about the queue)."""
+    monkeypatch.setattr(MicroBatcher, "BATCH_GAIN_MIN", 1e9)
+
+
+def test_queries_arriving_together_are_split_between_free_inference_threads(model_dir, store, inputs,
+                                                                            batching_kept):
+    """Two queries at once with both threads free: each thread runs one (they meet at a barrier
+    inside their forward passes), rather than one thread batching both while the other idles,
+    although batches of 4 are allowed."""
+    arrays, _ = inputs
+    mb, holder = _start_forkable(model_dir, store, workers=2, max_batch=4, barrier=threading.Barrier(2))
+    try:
+        assert mb.batch_cap == 4
+        for _ in range(3):
+            holder["b"].log.clear()
+            results = asyncio.run(_search_all(mb, arrays[:2], [5, 5]))
+            assert all(hits for _, hits in results)
+            assert sorted(holder["b"].log) == [("lookalike-infer", 1), ("lookalike-infer-2", 1)]
+    finally:
+        mb.stop()
+
+
+def test_a_queue_behind_busy_inference_threads_is_still_batched(model_dir, store, inputs, batching_kept):
+    """Only free threads get a share: with both threads held in a forward pass, the queries
+    queued meanwhile are batched (up to max_batch) once a thread comes free."""
+    arrays, _ = inputs
+    hold = threading.Event()
+    mb, holder = _start_forkable(model_dir, store, workers=2, max_batch=4, hold=hold)
+    holder["b"].log.clear()  # the warm-up passes
+    try:
+        async def scenario():
+            tasks = [asyncio.ensure_future(_search_all(mb, arrays[i:i + 1], [3])) for i in range(2)]
+            deadline = time.monotonic() + 10
+            while mb._busy < 2 and time.monotonic() < deadline:  # both threads inside a forward pass
+                await asyncio.sleep(0.002)
+            tasks += [asyncio.ensure_future(_search_all(mb, arrays[i:i + 1], [3])) for i in range(2, 8)]
+            while mb._queue.qsize() < 6 and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+            hold.set()
+            return await asyncio.gather(*tasks)
+
+        results = asyncio.run(scenario())
+        assert len(results) == 8 and all(r[0][1] for r in results)
+        sizes = [size for _, size in holder["b"].log]
+        assert sizes[:2] == [1, 1] and sum(sizes) == 8 and max(sizes) >= 3, holder["b"].log
+    finally:
+        hold.set()
+        mb.stop()
+
+
+class Paced(Forkable):
+    """A forkable backend whose forward pass sleeps ``fixed + per_image x images`` seconds. The
+    start-up passes (all-zero inputs) cost only that: they return one fixed unit vector each."""
+
+    def __init__(self, inner, fixed: float, per_image: float, **kw) -> None:
+        super().__init__(inner, **kw)
+        self.fixed, self.per_image = fixed, per_image
+
+    def embed_array(self, batch):
+        time.sleep(self.fixed + self.per_image * len(batch))
+        if len(batch) and not batch.any():
+            v = np.zeros((len(batch), self.card.embedding_dim), dtype=np.float32)
+            v[:, 0] = 1.0
+            return v
+        return super().embed_array(batch)
+
+    def fork(self):
+        return Paced(self.inner, self.fixed, self.per_image, log=self.log, forks_left=0)
+
+
+@pytest.mark.parametrize("fixed, per_image, workers, cap", [
+    (0.0, 0.012, 2, 1),     # a batch costs as much per image as one query: one query per thread
+    (0.024, 0.002, 2, 8),   # a batch of 4 costs 0.36x per image: batching stays
+    (0.0, 0.012, 1, 8),     # one inference thread: nothing to spread over, not measured
+])
+def test_batching_follows_what_a_batch_costs_per_image_with_several_threads(model_dir, store, inputs,
+                                                                           fixed, per_image, workers, cap):
+    from models.backends import TorchBackend
+
+    arrays, _ = inputs
+    mb = MicroBatcher(lambda: Paced(TorchBackend(model_dir, bf16=False), fixed, per_image), max_batch=8,
+                      workers=workers)
+    mb.start().result(60)
+    mb.attach_index(store)
+    try:
+        assert mb.batch_cap == cap
+        assert (mb.batching_measured is None) == (workers == 1)
+        if mb.batching_measured:
+            assert mb.batching_measured["batch_cap"] == cap and mb.batching_measured["batch"] == 4
+        results = asyncio.run(_search_all(mb, arrays[:6], [3] * 6))
+        assert all(len(hits) == 3 for _, hits in results)
+    finally:
+        mb.stop()
 
 
 def test_lone_queries_run_on_the_first_inference_thread(model_dir, store, inputs):
