@@ -321,6 +321,8 @@ class MicroBatcher:
         self._incoming = 0
         self._accepting = False
         self._busy = 0  # inference threads working on a batch
+        self._search_s = 0.0  # recent seconds per search call (moving average)
+        self._search_held = 0  # forward batches handed to the search thread and not yet searched
         self._loaded_since: float | None = None  # end of the last batch, if queries were on their way then
         self._infer_thread: threading.Thread | None = None
         self._more_infer_threads: list[threading.Thread] = []
@@ -535,6 +537,11 @@ class MicroBatcher:
                  getattr(backend, "name", "?"), self.running_workers, self.batch_cap, self.wait_s * 1000)
         self._worker_loop(backend, self.policy)
 
+    #: The search thread gathers at most this many queries, and waits at most this long, for
+    #: queries still in a forward pass (:meth:`_search_main`).
+    SEARCH_GATHER_MAX = 8
+    SEARCH_GATHER_MAX_S = 0.02
+
     #: A batch must cost at most this share of one query's time per image for micro-batching to
     #: stay on beside a second inference thread (a core of its own gains ~2x).
     BATCH_GAIN_MIN = 0.9
@@ -737,12 +744,15 @@ class MicroBatcher:
                 j.loop.call_soon_threadsafe(_resolve, j.future, (vectors[i], None))
         if to_search:
             item = (vectors[to_search], [batch[i] for i in to_search])
-            if self._queue.empty():
+            if self._queue.empty() and self._busy <= 1 and not self._search_held:
                 # Nobody waits for the model: searching here saves a thread hand-off; under load
-                # the search thread takes it so the next forward pass overlaps this search. A
-                # lone query searches on the lone query's threads (IndexStore.search).
+                # (or while the search thread holds queries, which this one joins) the search
+                # thread takes it so the next forward pass overlaps this search. A lone query
+                # searches on the lone query's threads (IndexStore.search).
                 self._search_batch(*item, threads=threads if lone else 1)
             else:
+                with self._lock:
+                    self._search_held += 1
                 self._search_queue.put(item)
         if lone:
             policy.observe(threads, time.perf_counter() - t0)
@@ -764,21 +774,32 @@ class MicroBatcher:
                     loop.call_soon_threadsafe(_resolve, fut, value)
                 continue
             # Every forward batch queued behind this one is searched in the same call: an exact
-            # search reads the whole index once per call, whatever the number of queries (BLAS:
-            # ~10 ms for 1-8 queries over 20k x 1280 here), so a search thread that falls behind
-            # catches up instead of paying the full scan per forward batch.
+            # search reads the whole index about once per call for a few queries (20k x 1280 on
+            # an AVX2 core: 9 ms for 1, 13-14 for 2-3, 20 for 8), so a search thread that falls
+            # behind catches up instead of paying the full scan per forward batch. While an
+            # inference thread is mid-forward the thread also waits for its queries, up to one
+            # recent search's duration (a query that just missed a search would wait that long
+            # anyway) and :data:`SEARCH_GATHER_MAX` queries.
             vectors, jobs = [item[0]], list(item[1])
+            deadline = time.monotonic() + min(self._search_s, self.SEARCH_GATHER_MAX_S)
             while True:
                 try:
                     nxt = self._search_queue.get_nowait()
                 except queue.Empty:
-                    break
+                    if len(jobs) >= self.SEARCH_GATHER_MAX or self._busy == 0 or time.monotonic() >= deadline:
+                        break
+                    try:
+                        nxt = self._search_queue.get(timeout=0.0005)
+                    except queue.Empty:
+                        continue
                 if nxt is _STOP or callable(nxt[0]):
                     held = nxt
                     break
                 vectors.append(nxt[0])
                 jobs.extend(nxt[1])
             self._search_batch(vectors[0] if len(vectors) == 1 else np.concatenate(vectors), jobs)
+            with self._lock:
+                self._search_held -= len(vectors)
 
     def _search_batch(self, vectors: np.ndarray, jobs: list[_Job], threads: int = 1) -> None:
         t0 = time.perf_counter()
@@ -790,7 +811,9 @@ class MicroBatcher:
             for j in jobs:
                 j.loop.call_soon_threadsafe(_resolve, j.future, None, RuntimeError("search failed"))
             return
+        took = time.perf_counter() - t0
+        self._search_s += 0.2 * (took - self._search_s)  # recent search time (the gathering window)
         if self.metrics is not None:
-            self.metrics.search_seconds.observe(time.perf_counter() - t0)
+            self.metrics.search_seconds.observe(took)
         for j, h in zip(jobs, hits):
             j.loop.call_soon_threadsafe(_resolve, j.future, (j.vector, h[: j.k]))

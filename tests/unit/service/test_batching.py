@@ -45,6 +45,7 @@ class RecordingStore:
 
     def search(self, queries, k, **kw):
         self.threads.append(threading.current_thread().name)
+        self.sizes = getattr(self, "sizes", []) + [len(queries)]
         return self.inner.search(queries, k, **kw)
 
     def __getattr__(self, name):
@@ -642,6 +643,49 @@ def test_batching_follows_what_a_batch_costs_per_image_with_several_threads(mode
             assert mb.batching_measured["batch_cap"] == cap and mb.batching_measured["batch"] == 4
         results = asyncio.run(_search_all(mb, arrays[:6], [3] * 6))
         assert all(len(hits) == 3 for _, hits in results)
+    finally:
+        mb.stop()
+
+
+class Staggered(Forkable):
+    """Forkable whose twin (the second inference thread) takes ``delay`` s more per real pass."""
+
+    def __init__(self, inner, delay: float = 0.0, **kw) -> None:
+        super().__init__(inner, **kw)
+        self.delay = delay
+
+    def embed_array(self, batch):
+        if self.delay and len(batch) and batch.any():
+            time.sleep(self.delay)
+        return super().embed_array(batch)
+
+    def fork(self):
+        return Staggered(self.inner, 0.08, log=self.log, forks_left=0)
+
+
+@pytest.mark.parametrize("window, searches", [(0.5, [2]), (0.0, [1, 1])])
+def test_the_search_thread_waits_for_a_query_still_in_a_forward_pass(model_dir, store, inputs, monkeypatch,
+                                                                     window, searches):
+    """Two queries split between the threads; the second thread's pass takes 80 ms longer. With
+    a gathering window (a recent search's duration, here set to 0.5 s) both are searched in one
+    call (one scan of the index); with none, each alone."""
+    from models.backends import TorchBackend
+
+    arrays, _ = inputs
+    monkeypatch.setattr(MicroBatcher, "SEARCH_GATHER_MAX_S", 0.5)
+    monkeypatch.setattr(MicroBatcher, "BATCH_GAIN_MIN", 0.0)  # one query per forward pass
+    mb = MicroBatcher(lambda: Staggered(TorchBackend(model_dir, bf16=False)), max_batch=4, workers=2)
+    mb.start().result(60)
+    rstore = RecordingStore(store)
+    mb.attach_index(rstore)
+    try:
+        assert mb.batch_cap == 1
+        mb._search_s = window
+        results = asyncio.run(_search_all(mb, arrays[:2], [4, 4]))
+        assert all(len(hits) == 4 for _, hits in results)
+        assert rstore.sizes == searches, (rstore.threads, mb.backend.log)
+        if window:
+            assert rstore.threads == ["lookalike-search"]
     finally:
         mb.stop()
 
