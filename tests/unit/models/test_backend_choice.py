@@ -120,10 +120,18 @@ def test_openvino_embeds_like_torch_fp32(model):
     x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
     ref = TorchBackend(model, bf16=False).embed_array(x)
     b = OpenVinoBackend(model)
-    assert np.abs(b.embed_array(x) - ref).max() <= 1e-4
+    batch = b.embed_array(x)
+    assert np.abs(batch - ref).max() <= 1e-4
+    # one image goes through the model compiled for batch 1 (faster); it answers like its batch row
+    assert b._single is not None and list(b._single.inputs[0].get_partial_shape().to_shape()) == [1, 3, 32, 32]
+    for i in range(len(x)):
+        assert np.abs(b.embed_array(x[i:i + 1])[0] - batch[i]).max() <= 1e-5
     b.set_threads(2)
     assert np.abs(b.embed_array(x[:1]) - ref[:1]).max() <= 1e-4
     assert b.embed_array(x[:0]).shape == (0, 16)
+    twin = b.fork()  # its own compiled models, both shapes
+    assert np.abs(twin.embed_array(x[1:2]) - batch[1:2]).max() <= 1e-5
+    assert np.abs(twin.embed_array(x[:3]) - batch[:3]).max() <= 1e-5
 
 
 def test_torch_set_threads_follows(model):
