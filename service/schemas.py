@@ -117,3 +117,6 @@ class Readiness(BaseModel):
                                              "searches keep working)")
     collections: list[CollectionStatus] = Field(default_factory=list,
                                                 description="every collection served, the default first")
+    inference: dict | None = Field(None, description="the default model's inference threads as running: "
+                                                     "`workers`, `batch_cap` (1: no micro-batching) and "
+                                                     "`batching_measured`, the start-up timing behind it")

@@ -29,7 +29,16 @@ async def readyz(request: Request, state: ReadyDep) -> Readiness:
     return Readiness(status="ready", model=state.fingerprint, backend=state.backend_name,
                      index_size=len(state.store), generation=state.store.generation,
                      writable=state.writes_available,
-                     collections=[collection_status(s) for s in registry.states.values()])
+                     collections=[collection_status(s) for s in registry.states.values()],
+                     inference=_inference(state))
+
+
+def _inference(state) -> dict | None:
+    """What :class:`service.batching.MicroBatcher` settled on at start-up (None without one)."""
+    b = state.batcher
+    if b is None:
+        return None
+    return {"workers": b.running_workers, "batch_cap": b.batch_cap, "batching_measured": b.batching_measured}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

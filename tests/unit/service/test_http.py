@@ -187,6 +187,9 @@ def test_similar_by_id(ro_client):
 def test_readyz_reports_model_and_index(ro_client):
     body = ro_client.get("/readyz").json()
     assert body["status"] == "ready" and body["index_size"] == 12 and body["backend"] == "torch"
+    # torch cannot fork a second handle: one inference thread, batching as configured, not measured
+    assert body["inference"] == {"workers": 1, "batch_cap": ro_client.app.state.settings.max_batch,
+                                 "batching_measured": None}
 
 
 def test_images_root_override_serves_from_the_mount(model_dir, template_index, images_root, tmp_path):
