@@ -24,8 +24,8 @@ D=1280, 65,536 at D=128) the store builds ``IVF{nlist},Flat`` on its own vectors
 tuning reaches recall@10 >= :data:`EARLY_ANN_RECALL` (or the store's higher target) while probing
 at most :data:`EARLY_ANN_MAX_PROBE_SHARE` of the lists (1/4); otherwise it stays exact, and tries again
 once the collection has doubled (:func:`early_ann_candidate`, :func:`passes_early_gate`).
-Clustered collections (real embeddings) pass; uniform random vectors, where IVF must probe
-every list, do not.
+Well-separated clusters pass; uniform random vectors, where IVF must probe most lists, do not,
+and neither did zero-shot Lite0 embeddings of cub100 (0.998 needed 24 of 64 lists).
 
 Under a memory budget (``max_ram``, ``lookalike index build --max-ram``) ``auto`` takes the first
 structure whose estimated size (:func:`index_bytes`) fits: Flat, ``IVF,Flat``, ``IVF,SQ8``, then
