@@ -80,12 +80,15 @@ def machine_key(model_dir: str | Path) -> dict:
             "fingerprint": card.get("fingerprint", "")}
 
 
-def _build(d: Path, name: str):
+def _build(d: Path, name: str, torch_threads: list[int]):
+    """Backend ``name`` on one intra-op thread. torch's thread count is process-wide: its value
+    before is appended to ``torch_threads`` for :func:`measure_backends` to restore."""
     from models.backends import load_backend
 
     if name == "torch":
         import torch
 
+        torch_threads.append(torch.get_num_threads())
         torch.set_num_threads(1)
         return load_backend(d, "torch", bf16=False)
     return load_backend(d, name, threads=1)
@@ -121,21 +124,28 @@ def measure_backends(model_dir: str | Path, *, rounds: int = 3, names: list[str]
     d = _model_dir(model_dir)
     names = available_backends(d) if names is None else names
     backends, rows = {}, {}
-    for name in names:
-        t0 = time.perf_counter()
-        try:
-            backends[name] = _build(d, name)
-        except Exception as exc:  # noqa: BLE001 - a runtime that fails here is not a candidate
-            log.warning("backend %s unavailable here: %s", name, exc)
-            continue
-        rows[name] = {"startup_s": time.perf_counter() - t0, "b1": [], "b8": []}
-    if not backends:
-        raise RuntimeError(f"{d}: no inference backend could be built (tried {names})")
-    size = next(iter(backends.values())).card.image_size
-    rng = np.random.default_rng(0)
-    cells = [("b1", rng.standard_normal((1, 3, size, size)).astype(np.float32), None, 3),
-             ("b8", rng.standard_normal((8, 3, size, size)).astype(np.float32), None, 1)]
-    times = time_backends(backends, cells, rounds)
+    torch_threads: list[int] = []  # the process's torch thread count, restored after timing on one
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                backends[name] = _build(d, name, torch_threads)
+            except Exception as exc:  # noqa: BLE001 - a runtime that fails here is not a candidate
+                log.warning("backend %s unavailable here: %s", name, exc)
+                continue
+            rows[name] = {"startup_s": time.perf_counter() - t0, "b1": [], "b8": []}
+        if not backends:
+            raise RuntimeError(f"{d}: no inference backend could be built (tried {names})")
+        size = next(iter(backends.values())).card.image_size
+        rng = np.random.default_rng(0)
+        cells = [("b1", rng.standard_normal((1, 3, size, size)).astype(np.float32), None, 3),
+                 ("b8", rng.standard_normal((8, 3, size, size)).astype(np.float32), None, 1)]
+        times = time_backends(backends, cells, rounds)
+    finally:
+        if torch_threads:  # a later forward or training run in this process gets its cores back
+            import torch
+
+            torch.set_num_threads(torch_threads[0])
     for name, row in rows.items():
         row.update(times[name])
     out = {}

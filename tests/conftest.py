@@ -28,3 +28,18 @@ def artifacts_dir() -> Path:
     p = Path(os.environ.get("LOOKALIKE_ARTIFACTS", REPO / "artifacts"))
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """torch's intra-op thread count is process-wide and some code sets it on purpose (the
+    service's thread policy, backend timing): each test starts from the count the session
+    started with, so one test's setting cannot halve a later training test's speed."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)

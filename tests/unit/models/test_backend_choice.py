@@ -167,3 +167,18 @@ def test_one_shot_without_import_times_avoids_torch(model, monkeypatch):
     monkeypatch.setattr(bc, "available_backends", lambda d: ["torch", "onnx"])
     assert choose_backend(model) == "torch"
     assert choose_backend(model, measure=False, include_startup=True) == "onnx"
+
+
+def test_measuring_gives_the_process_its_torch_threads_back(model):
+    """Timing runs torch on one thread; a training run or forward later in the same process
+    (threads: default) must not inherit that (it ran at half speed on 2 cores)."""
+    from models.backend_choice import measure_backends
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rows = measure_backends(model, rounds=1, names=["torch", "onnx"], imports=False)
+        assert set(rows) == {"torch", "onnx"} and rows["torch"]["b1_ms"] > 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
