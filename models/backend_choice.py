@@ -80,15 +80,14 @@ def machine_key(model_dir: str | Path) -> dict:
             "fingerprint": card.get("fingerprint", "")}
 
 
-def _build(d: Path, name: str, torch_threads: list[int]):
-    """Backend ``name`` on one intra-op thread. torch's thread count is process-wide: its value
-    before is appended to ``torch_threads`` for :func:`measure_backends` to restore."""
+def _build(d: Path, name: str):
+    """Backend ``name`` on one intra-op thread (torch's count is process-wide:
+    :func:`measure_backends` restores it)."""
     from models.backends import load_backend
 
     if name == "torch":
         import torch
 
-        torch_threads.append(torch.get_num_threads())
         torch.set_num_threads(1)
         return load_backend(d, "torch", bf16=False)
     return load_backend(d, name, threads=1)
@@ -124,12 +123,16 @@ def measure_backends(model_dir: str | Path, *, rounds: int = 3, names: list[str]
     d = _model_dir(model_dir)
     names = available_backends(d) if names is None else names
     backends, rows = {}, {}
-    torch_threads: list[int] = []  # the process's torch thread count, restored after timing on one
+    torch_threads = None  # the process's torch thread count, given back after timing on one
+    if "torch" in names:
+        import torch
+
+        torch_threads = torch.get_num_threads()
     try:
         for name in names:
             t0 = time.perf_counter()
             try:
-                backends[name] = _build(d, name, torch_threads)
+                backends[name] = _build(d, name)
             except Exception as exc:  # noqa: BLE001 - a runtime that fails here is not a candidate
                 log.warning("backend %s unavailable here: %s", name, exc)
                 continue
@@ -142,10 +145,8 @@ def measure_backends(model_dir: str | Path, *, rounds: int = 3, names: list[str]
                  ("b8", rng.standard_normal((8, 3, size, size)).astype(np.float32), None, 1)]
         times = time_backends(backends, cells, rounds)
     finally:
-        if torch_threads:  # a later forward or training run in this process gets its cores back
-            import torch
-
-            torch.set_num_threads(torch_threads[0])
+        if torch_threads is not None:  # a later forward or training run in this process gets its cores back
+            torch.set_num_threads(torch_threads)
     for name, row in rows.items():
         row.update(times[name])
     out = {}

@@ -304,10 +304,11 @@ class OpenVinoBackend(InferenceBackend):
         """``self._model`` with its batch dimension fixed at 1, or None when the other input
         dimensions are not static (then single images take the dynamic model)."""
         shape = self._model.inputs[0].get_partial_shape()
-        if shape.rank.is_dynamic or any(d.is_dynamic for d in list(shape)[1:]):
+        rest = [] if shape.rank.is_dynamic else list(shape)[1:]
+        if not rest or any(d.is_dynamic for d in rest):
             return None
-        single = self._core.read_model(str(self.onnx_path))
-        single.reshape({0: [1, *(d.get_length() for d in list(shape)[1:])]})
+        single = self._model.clone()  # not a second read of the file
+        single.reshape({0: [1, *(d.get_length() for d in rest)]})
         return single
 
     def _warm(self) -> None:
